@@ -25,11 +25,11 @@ def prompt_ids(m: int, seed: int = 1) -> list[int]:
 def step_logits(model: Transformer, attention: str, prompt: list[int], tokens: torch.Tensor) -> list[torch.Tensor]:
     """Prefill `prompt`, then feed tokens (n, T) one step at a time; the logits of every step."""
     cfg, (n, T), M = model.config, tokens.shape, len(prompt)
-    caches = make_caches(attention, cfg.n_layer, n, cfg.n_kv_heads, cfg.head_dim, M, T, torch.float32, "cpu")
-    model.setup(M + T, caches)
-    out = [model(torch.tensor([prompt]), torch.arange(M))[:, -1].expand(n, -1)]
+    dev, dtype = model.output.weight.device, model.output.weight.dtype
+    model.setup(M + T, make_caches(attention, cfg.n_layer, n, cfg.n_kv_heads, cfg.head_dim, M, T, dtype, dev))
+    out = [model(torch.tensor([prompt], device=dev), torch.arange(M, device=dev))[:, -1].expand(n, -1)]
     for t in range(T):
-        out.append(model(tokens[:, t : t + 1], torch.tensor(M + t))[:, -1])
+        out.append(model(tokens[:, t : t + 1], torch.tensor(M + t, device=dev))[:, -1])
     return out
 
 
