@@ -48,12 +48,14 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     bad_tok = save_checkpoint(root / "bad_tok", state, model.config)
     (bad_tok / "tokenizer.model").write_bytes(bytes(range(256)) * 4)
 
+    no_tok = save_checkpoint(root / "no_tok", state, model.config)
+
     small_tok = save_checkpoint(root / "small_tok", state, model.config)
     tok_fixtures.make_sentencepiece(small_tok, vocab_size=400)
 
     # the tiny-gqa weights (Hkv=2) under the tiny-mha config (Hkv=4): wqkv has the wrong shape
     save_checkpoint(root / "wrong_config", state, ModelArgs.from_name("tiny-mha"))
-    return dict(good=good, corrupt=corrupt, bad_tok=bad_tok, small_tok=small_tok,
+    return dict(good=good, corrupt=corrupt, bad_tok=bad_tok, no_tok=no_tok, small_tok=small_tok,
                 wrong_config=root / "wrong_config", missing=root / "nowhere")
 
 
@@ -72,6 +74,7 @@ BAD_INPUTS = {
     "missing_checkpoint": (["--checkpoint_path={missing}", "--prompt=x"], ["checkpoint not found"]),
     "corrupt_checkpoint": (["--checkpoint_path={corrupt}", "--prompt=x"], ["cannot read checkpoint"]),
     "corrupt_tokenizer": (["--checkpoint_path={bad_tok}", "--prompt=x"], ["cannot read tokenizer"]),
+    "missing_tokenizer": (["--checkpoint_path={no_tok}", "--prompt=x"], ["no tokenizer"]),
     "unknown_config": (["--checkpoint_path=synthetic:NoSuchModel", "--prompt_len=4"],
                        ["'NoSuchModel'", "tiny-gqa", "Llama-2-7B"]),
     "shapes_not_config": (["--checkpoint_path={wrong_config}", "--prompt=x"],
