@@ -23,6 +23,7 @@ from bifurcated import CACHES, make_caches
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, load_tokenizer
 
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "tiny-code"  # trained by scripts/train_tiny.py
 CHECKPOINT_FILE = "converted.safetensors"  # named apart from Hugging Face's model.safetensors
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -298,10 +299,23 @@ def complete(model: Transformer, tokenizer: Optional[Tokenizer], prompt, num_sam
     vocab_size = tokenizer.vocab_size if tokenizer is not None else None
     gen = generate(model, prompt_ids, num_samples, eos_ids=eos_ids, vocab_size=vocab_size, **kwargs)
     records = [dict(sample=i, prompt_tokens=len(prompt_ids), tokens=toks,
-                    text=tokenizer.decode(toks) if tokenizer is not None else None,
+                    text=continuation(tokenizer, prompt_ids, toks) if tokenizer is not None else None,
                     mean_logprob=mp, finish_reason=fr)
                for i, (toks, mp, fr) in enumerate(zip(gen.tokens, gen.mean_logprob, gen.finish_reason))]
     return records, gen.stats
+
+
+def continuation(tokenizer: Tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+    # Decoding the new ids alone can lose a leading space (sentencepiece strips one at the start
+    # of a text), so decode prompt + new ids and cut the prompt's text off.
+    head, full = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + ids)
+    return full[len(head) :] if full.startswith(head) else tokenizer.decode(ids)
+
+
+def rerank_records(records: list[dict]) -> list[dict]:
+    """Best first by mean token log-probability, each record given its `rank` (1 = best)."""
+    ranked = sorted(records, key=lambda r: r["mean_logprob"], reverse=True)
+    return [dict(r, rank=i + 1) for i, r in enumerate(ranked)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,10 +357,8 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[str], prompt_len: O
 def main(checkpoint_path: Optional[str], prompt: Optional[str], prompt_file: Optional[str],
          prompt_len: Optional[int], num_samples: int, max_new_tokens: int, temperature: float,
          top_k: Optional[int], top_p: float, seed: Optional[int], attention: str, device: Optional[str],
-         dtype: Optional[str], compile: Optional[bool], output: Optional[str]):
+         dtype: Optional[str], compile: Optional[bool], rerank: bool, output: Optional[str]):
     check_sampling_args(num_samples, max_new_tokens, temperature, top_k, top_p, attention)
-    if checkpoint_path is None:
-        raise ValueError("no checkpoint: pass --checkpoint_path DIR (or synthetic:NAME for random weights)")
     if output is not None and not Path(output).parent.is_dir():
         raise ValueError(f"output directory does not exist: {Path(output).parent}")
     dev = resolve_device(device)
@@ -356,8 +368,11 @@ def main(checkpoint_path: Optional[str], prompt: Optional[str], prompt_file: Opt
     records, stats = complete(model, tokenizer, prompt, num_samples, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_k=top_k, top_p=top_p, attention=attention,
                               compile=compile, seed=seed, progress=True)
+    if rerank:
+        records = rerank_records(records)
     for r in records:
-        print(f"--- sample {r['sample']} ({r['finish_reason']}, {len(r['tokens'])} tokens, "
+        rank = f"rank {r['rank']}: " if "rank" in r else ""
+        print(f"--- {rank}sample {r['sample']} ({r['finish_reason']}, {len(r['tokens'])} tokens, "
               f"mean logprob {r['mean_logprob']:.3f}) ---")
         print(r["text"] if r["text"] is not None else r["tokens"])
     print("--- stats ---")
@@ -374,7 +389,8 @@ def main(checkpoint_path: Optional[str], prompt: Optional[str], prompt_file: Opt
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Parallel sampling from one prompt with bifurcated attention.")
-    p.add_argument("--checkpoint_path", help="converted checkpoint (file or directory), or synthetic:NAME")
+    p.add_argument("--checkpoint_path", default=str(DEFAULT_CHECKPOINT),
+                   help="converted checkpoint (file or directory), or synthetic:NAME (default: the shipped tiny code model)")
     p.add_argument("--prompt", help="prompt text")
     p.add_argument("--prompt_file", help="read the prompt from this file")
     p.add_argument("--prompt_len", type=int, help="random prompt of this many token ids (no tokenizer needed)")
@@ -389,6 +405,7 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile + CUDA graphs for the decode step (default: on for cuda, off for cpu)")
+    p.add_argument("--rerank", action="store_true", help="order the samples by mean token log-probability, best first")
     p.add_argument("--output", help="write one JSON object per sample to this .jsonl file")
     args = p.parse_args()
     try:

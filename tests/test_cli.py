@@ -142,13 +142,14 @@ def test_sample_checkpoint_dir(bifurcated_run, ckpts):
     for stat in ("prefill", "ms/step", "tokens/s", "peak memory"):
         assert stat in proc.stdout
     tok = load_tokenizer(ckpts["good"])
-    prompt_tokens = len(tok.encode("def f(x):", bos=True))
+    prompt_ids = tok.encode("def f(x):", bos=True)
+    prompt_tokens = len(prompt_ids)
     assert [r["sample"] for r in records] == [0, 1, 2, 3]
     for r in records:
         assert set(r) == {"sample", "prompt_tokens", "tokens", "text", "mean_logprob", "finish_reason"}
         assert r["prompt_tokens"] == prompt_tokens
         assert all(isinstance(t, int) and 0 <= t < 512 for t in r["tokens"])
-        assert r["text"] == tok.decode(r["tokens"])
+        assert tok.decode(prompt_ids) + r["text"] == tok.decode(prompt_ids + r["tokens"])  # the continuation
         assert r["finish_reason"] in ("eos", "length")
         assert (len(r["tokens"]) == 8) if r["finish_reason"] == "length" else (len(r["tokens"]) < 8)
         assert r["mean_logprob"] <= 0
