@@ -16,6 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+try:  # the fused Triton kernel for CUDA; CPU-only installs have no Triton and use the reference
+    from kernels import decode_attention
+except ImportError:
+    decode_attention = None
+
 
 class BifurcatedCache(nn.Module):
     def __init__(self, n: int, n_kv_heads: int, head_dim: int, context_len: int, max_new_tokens: int,
@@ -39,7 +44,10 @@ class BifurcatedCache(nn.Module):
         slot = (input_pos - self.context_len).view(1)  # (1,), a device tensor: no host sync
         self.k_dec.index_copy_(2, slot, k)
         self.v_dec.index_copy_(2, slot, v)
-        return bifurcated_attention(q, self.k_ctx, self.v_ctx, self.k_dec, self.v_dec, slot)
+        D = q.size(-1)
+        fast = decode_attention is not None and q.is_cuda and D >= 16 and D & (D - 1) == 0
+        attend = decode_attention if fast else bifurcated_attention
+        return attend(q, self.k_ctx, self.v_ctx, self.k_dec, self.v_dec, slot)
 
 
 class StandardCache(nn.Module):
@@ -110,3 +118,41 @@ def bifurcated_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor,
     lse = torch.logaddexp(lse_ctx, lse_dec)  # (n, Hkv, g)
     out = torch.exp(lse_ctx - lse)[..., None] * o_ctx + torch.exp(lse_dec - lse)[..., None] * o_dec
     return out.reshape(n, H, 1, D).to(q.dtype)  # (n, H, 1, D)
+
+
+def plan_memory(config, attention: str, n: int, M: int, T: int, dtype: torch.dtype) -> dict[str, int]:
+    """Predicted bytes of a sampling run on the GPU, before anything is allocated."""
+    b = torch.empty((), dtype=dtype).element_size()
+    C, F, L, V = config.dim, config.intermediate_size, config.n_layer, config.vocab_size
+    H, Hkv, D = config.n_head, config.n_kv_heads, config.head_dim
+    per_layer = (H + 2 * Hkv) * D * C + H * D * C + 3 * C * F + 2 * C
+    weights = (2 * V * C + L * per_layer + C) * b
+    kv_token = 2 * L * Hkv * D * b  # keys and values of one token, all layers
+    context = kv_token * M * (n if attention == "standard" else 1)
+    decode = kv_token * n * T
+    # prefill activations of one layer (RoPE in fp32, MLP intermediates); fp32 logits and sampling
+    # buffers for n rows; a fixed allowance for cuBLAS, CUDA graphs and the attention kernels
+    workspace = M * (8 * C * 4 + 3 * F * b) + n * V * 16 + 2**29
+    if attention == "standard" and Hkv < H:  # SDPA's GQA fallback expands one layer's K and V per head
+        workspace += 2 * n * H * (M + T) * D * b
+    return dict(weights=weights, context=context, decode=decode, workspace=workspace,
+                total=weights + context + decode + workspace)
+
+
+def check_memory(config, attention: str, n: int, M: int, T: int, dtype: torch.dtype, device: torch.device):
+    """Stop with the numbers, and the most samples that would fit, if a run cannot fit on the GPU.
+    The model's weights are already loaded, so what is free must hold the rest."""
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    plan = plan_memory(config, attention, n, M, T, dtype)
+    need = plan["total"] - plan["weights"]
+    if need <= free:
+        return
+    one = plan_memory(config, attention, 1, M, T, dtype)
+    per_sample = plan_memory(config, attention, 2, M, T, dtype)["total"] - one["total"]
+    fit = (free - (one["total"] - one["weights"])) // per_sample + 1
+    gb = lambda x: f"{x / 1e9:.1f}"
+    raise ValueError(
+        f"does not fit in GPU memory: {attention} attention, {n} samples, {M} + {T} tokens needs {gb(plan['total'])} GB "
+        f"(weights {gb(plan['weights'])} + context cache {gb(plan['context'])} + decode cache {gb(plan['decode'])} "
+        f"+ workspace {gb(plan['workspace'])}) with {gb(free)} GB free beside the weights; "
+        + (f"at most {fit} samples fit" if fit >= 1 else "not even one sample fits: shorten the prompt"))

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from bifurcated import CACHES, make_caches
+from bifurcated import CACHES, check_memory, make_caches, plan_memory  # noqa: F401 (plan_memory: API)
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, load_tokenizer
 
@@ -191,6 +191,9 @@ def generate(model: Transformer, prompt_ids: Sequence[int], num_samples: int = 1
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     torch.manual_seed(seed)
     cfg = model.config
+    model.setup(M + T)  # drop an earlier run's caches before planning and allocating new ones
+    if device.type == "cuda":
+        check_memory(cfg, attention, n, M, T, dtype, device)
     model.setup(M + T, make_caches(attention, cfg.n_layer, n, cfg.n_kv_heads, cfg.head_dim, M, T, dtype, device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -204,7 +207,7 @@ def generate(model: Transformer, prompt_ids: Sequence[int], num_samples: int = 1
     sync(device)
     t0 = time.perf_counter()
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)[None]  # (1, M)
-    last = model(prompt, torch.arange(M, device=device))[:, -1, :vocab_size].float()  # (1, V)
+    last = model(prompt, torch.arange(M, device=device), last_only=True)[:, -1, :vocab_size].float()  # (1, V)
     # each sample's first token is its own draw from the same last logits
     first = sample_tokens(last.expand(n, -1), temperature, top_k, top_p)  # (n,)
     out = torch.zeros(n, T, dtype=torch.long, device=device)  # (n, T)

@@ -148,15 +148,18 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             layer.attention.kv_cache = caches[i] if caches is not None else CausalAttention()
 
-    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Tensor, last_only: bool = False) -> Tensor:
         # idx (B, S) token ids. input_pos: (S,) the positions of a prompt's tokens (prefill, or
         # the whole sequence without a cache), or () the one position of a decode step.
+        # last_only: logits of the last position alone (a long prompt's (S, V) logits are GBs).
         if self.freqs_cis is None:
             raise RuntimeError("call model.setup(max_seq_len) before running the model")
         freqs_cis = self.freqs_cis[input_pos.view(-1)]  # (S, D/2, 2); S = 1 in decode
         x = self.tok_embeddings(idx)  # (B, S, C)
         for layer in self.layers:
             x = layer(x, freqs_cis, input_pos)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         return self.output(self.norm(x))  # (B, S, V)
 
 

@@ -17,15 +17,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "triton"])
 @pytest.mark.parametrize("Hkv", [32, 8, 1])
 @pytest.mark.parametrize("n", [1, 7, 64, 512])
-@pytest.mark.parametrize("M", [1000, 4097])
-def test_bifurcated_attention_bf16(Hkv, n, M):
-    H, D, T, slot = 32, 128, 64, 37
+@pytest.mark.parametrize("M,slot", [(1000, 0), (4097, 37), (8191, 127)])
+def test_bifurcated_attention_bf16(fast, Hkv, n, M, slot):
+    # contexts that are not multiples of any block size; the first and the last decode slot
+    attend = bifurcated_attention
+    if fast:
+        attend = pytest.importorskip("kernels").decode_attention
+    H, D, T = 32, 128, 128
     g = torch.Generator("cuda").manual_seed(n * M + Hkv)
     rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.bfloat16)
     q, kc, vc, kd, vd = rnd(n, H, 1, D), rnd(Hkv, M, D), rnd(Hkv, M, D), rnd(n, Hkv, T, D), rnd(n, Hkv, T, D)
-    out = bifurcated_attention(q, kc, vc, kd, vd, torch.tensor([slot], device="cuda"))
+    out = attend(q, kc, vc, kd, vd, torch.tensor([slot], device="cuda"))
+    assert out.shape == q.shape and out.dtype == q.dtype
     for i in range(0, n, 16):  # the fp64 reference, 16 samples at a time to bound its memory
         s = slice(i, min(i + 16, n))
         m = s.stop - s.start

@@ -1,0 +1,128 @@
+# The fast bifurcated attention of one decode step, in Triton, registered as a custom op so that
+# torch.compile and CUDA graphs capture it. Same math as bifurcated.bifurcated_attention (the
+# plain-PyTorch reference), in two launches:
+#   1. context: for KV head j, a tile of the n*g query rows that use it against a slice of the
+#      shared context (a real matrix product on tensor cores). The context is split across thread
+#      blocks (split-K) so that every SM streams a part of it; each returns its partial output,
+#      normalized, and its log-sum-exp.
+#   2. decode + merge: for sample i and KV head j, its g query rows against its own filled decode
+#      slots only, then an exact LSE merge of that part with the context splits, in fp32.
+# Dimension letters: n samples, M context length, T decode capacity, H query heads, Hkv KV heads,
+# g = H / Hkv, D head dim, R = n g query rows per KV head, P context splits.
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _context_kernel(Q, K, V, O_part, L_part, R, G, M, qk_scale, HKV: tl.constexpr, D: tl.constexpr,
+                    CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    rb, split, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # query rows r = i g + h of KV head j
+    rmask = rows < R
+    d = tl.arange(0, D)
+    # q (n, H, 1, D): row r is sample r // G, query head j G + r % G
+    q_off = ((rows // G) * HKV + j) * G * D + (rows % G) * D  # (BLOCK_R,)
+    q = tl.load(Q + q_off[:, None] + d[None, :], mask=rmask[:, None], other=0.0)  # (BLOCK_R, D)
+    start = split * CHUNK
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, D], tl.float32)
+    kv = j.to(tl.int64) * M * D
+    for n0 in range(0, CHUNK, BLOCK_N):  # whole key blocks; the last split's tail is masked
+        keys = start + n0 + tl.arange(0, BLOCK_N)
+        kmask = keys < M
+        k = tl.load(K + kv + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
+        v = tl.load(V + kv + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_R, BLOCK_N), log2 units
+        s = tl.where(kmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    part = (split * HKV + j) * R + rows  # (BLOCK_R,) index into (P, Hkv, R)
+    tl.store(O_part + part[:, None] * D + d[None, :], acc / l_i[:, None], mask=rmask[:, None])
+    tl.store(L_part + part, m_i + tl.math.log2(l_i), mask=rmask)
+
+
+@triton.jit
+def _decode_merge_kernel(Q, KD, VD, O_part, L_part, Out, Slot, R, G, qk_scale, HKV: tl.constexpr,
+                         D: tl.constexpr, T: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_T: tl.constexpr):
+    i, j = tl.program_id(0), tl.program_id(1)
+    h = tl.arange(0, BLOCK_G)  # query heads j G + h of sample i (padded up to the dot's minimum)
+    hmask = h < G
+    d = tl.arange(0, D)
+    q_off = (i * HKV + j) * G * D + h * D
+    q = tl.load(Q + q_off[:, None] + d[None, :], mask=hmask[:, None], other=0.0)  # (BLOCK_G, D)
+    filled = tl.load(Slot) + 1  # slots 0 .. slot hold this sample's decoded keys
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    kv = (i * HKV + j).to(tl.int64) * T * D
+    for t0 in range(0, T, BLOCK_T):  # blocks past the filled slots are fully masked: no loads
+        t = t0 + tl.arange(0, BLOCK_T)
+        tmask = t < filled
+        k = tl.load(KD + kv + t[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)  # (BLOCK_T, D)
+        v = tl.load(VD + kv + t[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_G, BLOCK_T)
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    # merge the context splits: each is a normalized output o_s with log2-sum-exp lse_s,
+    # i.e. an unnormalized sum 2^lse_s o_s; fold them into (m_i, l_i, acc) exactly
+    rows = i * G + h
+    for split in range(0, P):
+        part = (split * HKV + j) * R + rows
+        lse = tl.load(L_part + part, mask=hmask, other=0.0)
+        o = tl.load(O_part + part[:, None] * D + d[None, :], mask=hmask[:, None], other=0.0)
+        m_new = tl.maximum(m_i, lse)
+        alpha = tl.math.exp2(m_i - m_new)
+        w = tl.math.exp2(lse - m_new)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + o * w[:, None]
+        m_i = m_new
+    tl.store(Out + q_off[:, None] + d[None, :], (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=hmask[:, None])
+
+
+def context_plan(R: int, M: int, n_kv_heads: int, n_sm: int) -> tuple[int, int, int]:
+    """Tile sizes: query rows per block (the dot needs at least 16) and how many context splits
+    give every SM about two blocks to stream. Returns (BLOCK_R, P, chunk)."""
+    block_r = min(128, max(16, triton.next_power_of_2(R)))
+    row_blocks = triton.cdiv(R, block_r)
+    splits = max(1, min(triton.cdiv(2 * n_sm, n_kv_heads * row_blocks), triton.cdiv(M, 64)))
+    chunk = triton.cdiv(triton.cdiv(M, splits), 64) * 64  # whole key blocks per split
+    return block_r, triton.cdiv(M, chunk), chunk
+
+
+@torch.library.triton_op("bifurcated::decode_attention", mutates_args=())
+def decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor) -> Tensor:
+    q = q.contiguous()  # a transposed (n, 1, H, D): free, since S = 1
+    n, H, _, D = q.shape  # q (n, H, 1, D); k_ctx, v_ctx (Hkv, M, D); k_dec, v_dec (n, Hkv, T, D); slot (1,)
+    Hkv, M, _ = k_ctx.shape
+    T, G = k_dec.shape[2], H // Hkv
+    R = n * G
+    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    block_r, P, chunk = context_plan(R, M, Hkv, n_sm)
+    o_part = torch.empty(P, Hkv, R, D, device=q.device, dtype=torch.float32)  # (P, Hkv, R, D)
+    l_part = torch.empty(P, Hkv, R, device=q.device, dtype=torch.float32)  # (P, Hkv, R)
+    out = torch.empty_like(q)  # (n, H, 1, D)
+    qk_scale = LOG2E / math.sqrt(D)  # softmax in base 2: exp2 is the hardware's instruction
+    torch.library.wrap_triton(_context_kernel)[(triton.cdiv(R, block_r), P, Hkv)](
+        q, k_ctx, v_ctx, o_part, l_part, R, G, M, qk_scale, HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=64,
+        num_warps=8 if block_r >= 128 else 4, num_stages=3)
+    torch.library.wrap_triton(_decode_merge_kernel)[(n, Hkv)](
+        q, k_dec, v_dec, o_part, l_part, out, slot, R, G, qk_scale,
+        HKV=Hkv, D=D, T=T, P=P, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_T=32, num_warps=4, num_stages=2)
+    return out
