@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 try:  # the fused Triton kernel for CUDA; CPU-only installs have no Triton and use the reference
-    from kernels import decode_attention
+    from bifurcated_triton import decode_attention
 except ImportError:
     decode_attention = None
 

@@ -25,7 +25,7 @@ def test_bifurcated_attention_bf16(fast, Hkv, n, M, slot):
     # contexts that are not multiples of any block size; the first and the last decode slot
     attend = bifurcated_attention
     if fast:
-        attend = pytest.importorskip("kernels").decode_attention
+        attend = pytest.importorskip("bifurcated_triton").decode_attention
     H, D, T = 32, 128, 128
     g = torch.Generator("cuda").manual_seed(n * M + Hkv)
     rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.bfloat16)
