@@ -20,7 +20,7 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _context_kernel(Q, K, V, O_part, L_part, R, G, M, qk_scale, HKV: tl.constexpr, D: tl.constexpr,
+def _context_kernel(Q, K, V, O_part, L_part, R, G, M, QK_SCALE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                     CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     rb, split, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # query rows r = i g + h of KV head j
@@ -39,7 +39,7 @@ def _context_kernel(Q, K, V, O_part, L_part, R, G, M, qk_scale, HKV: tl.constexp
         kmask = keys < M
         k = tl.load(K + kv + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
         v = tl.load(V + kv + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_R, BLOCK_N), log2 units
+        s = tl.dot(q, tl.trans(k)) * QK_SCALE  # (BLOCK_R, BLOCK_N), log2 units
         s = tl.where(kmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -53,7 +53,7 @@ def _context_kernel(Q, K, V, O_part, L_part, R, G, M, qk_scale, HKV: tl.constexp
 
 
 @triton.jit
-def _decode_merge_kernel(Q, KD, VD, O_part, L_part, Out, Slot, R, G, qk_scale, HKV: tl.constexpr,
+def _decode_merge_kernel(Q, KD, VD, O_part, L_part, Out, Slot, R, G, QK_SCALE: tl.constexpr, HKV: tl.constexpr,
                          D: tl.constexpr, T: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
                          BLOCK_T: tl.constexpr):
     i, j = tl.program_id(0), tl.program_id(1)
@@ -72,7 +72,7 @@ def _decode_merge_kernel(Q, KD, VD, O_part, L_part, Out, Slot, R, G, qk_scale, H
         tmask = t < filled
         k = tl.load(KD + kv + t[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)  # (BLOCK_T, D)
         v = tl.load(VD + kv + t[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_G, BLOCK_T)
+        s = tl.dot(q, tl.trans(k)) * QK_SCALE  # (BLOCK_G, BLOCK_T)
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -118,11 +118,12 @@ def decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_d
     o_part = torch.empty(P, Hkv, R, D, device=q.device, dtype=torch.float32)  # (P, Hkv, R, D)
     l_part = torch.empty(P, Hkv, R, device=q.device, dtype=torch.float32)  # (P, Hkv, R)
     out = torch.empty_like(q)  # (n, H, 1, D)
-    qk_scale = LOG2E / math.sqrt(D)  # softmax in base 2: exp2 is the hardware's instruction
+    # softmax in base 2 (exp2 is the hardware's instruction); a constexpr, so it stays fp32 under Inductor
+    qk_scale = LOG2E / math.sqrt(D)
     torch.library.wrap_triton(_context_kernel)[(triton.cdiv(R, block_r), P, Hkv)](
-        q, k_ctx, v_ctx, o_part, l_part, R, G, M, qk_scale, HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=64,
+        q, k_ctx, v_ctx, o_part, l_part, R, G, M, QK_SCALE=qk_scale, HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=64,
         num_warps=8 if block_r >= 128 else 4, num_stages=3)
     torch.library.wrap_triton(_decode_merge_kernel)[(n, Hkv)](
-        q, k_dec, v_dec, o_part, l_part, out, slot, R, G, qk_scale,
+        q, k_dec, v_dec, o_part, l_part, out, slot, R, G, QK_SCALE=qk_scale,
         HKV=Hkv, D=D, T=T, P=P, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_T=32, num_warps=4, num_stages=2)
     return out

@@ -1,0 +1,319 @@
+# Decode speed of parallel sampling on synthetic-weight models, set against the floor of PERF.md:
+# the bytes a step must read over the read bandwidth, or its flops over the matmul rate, both
+# measured in the same run. Sweeps model x context M x samples n x attention and writes
+# bench/results/<gpu>/<tag>.json (every number + command line), .md (a table) and .png (a plot).
+#
+#   python scripts/benchmark.py                      # the PERF.md sweep on this machine's GPU
+#   python scripts/benchmark.py --models Mistral-7B --contexts 8192 --samples 1 32 --tag mistral
+import argparse
+import datetime
+import gc
+import json
+import os
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import generate` as a script
+
+import torch
+import torch.nn as nn
+
+import generate
+from model import ModelArgs
+
+E2E_PROMPT, E2E_NEW_TOKENS = 1024, 256  # PERF.md target: n = 1, 1K prompt, 256 new tokens, prefill included
+# The rate measurements: a read pass far larger than any cache, a matmul large enough to reach the
+# peak rate. Smaller on CPU, where the same code path only has to run, not to be a reference.
+RATE_SIZES = {"cuda": dict(read_bytes=4 << 30, matmul_size=8192), "cpu": dict(read_bytes=256 << 20, matmul_size=1024)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The floor
+def best_seconds(fn, device: torch.device, repeats: int = 10) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(torch.cuda.current_stream(device))
+            fn()
+            end.record(torch.cuda.current_stream(device))
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_rates(device: torch.device, dtype: torch.dtype, read_bytes: int, matmul_size: int) -> tuple[float, float]:
+    """(read bandwidth in bytes/s, matmul rate in flop/s), each the best of several passes."""
+    x = torch.ones(read_bytes // dtype.itemsize, dtype=dtype, device=device)
+    read_bw = x.numel() * x.element_size() / best_seconds(x.sum, device)
+    del x
+    a, b = (torch.randn(matmul_size, matmul_size, dtype=dtype, device=device) for _ in range(2))
+    matmul_rate = 2 * matmul_size**3 / best_seconds(lambda: a @ b, device)
+    del a, b
+    release(device, compiled=False)
+    return read_bw, matmul_rate
+
+
+def linear_params(model: nn.Module) -> int:
+    # every linear layer and the output head; the embedding reads only n rows per step
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def step_cost(config: ModelArgs, params_linear: int, attention: str, n: int, M: int, T: int,
+              bytes_per_elem: int) -> tuple[float, float]:
+    """(bytes, flops) one decode step must at least read and compute, its attended decode tokens
+    averaged over the T new ones (T / 2 per sample)."""
+    L, H, Hkv, D = config.n_layer, config.n_head, config.n_kv_heads, config.head_dim
+    kv_per_token = 2 * L * Hkv * D * bytes_per_elem  # K and V of one token in every layer
+    context = kv_per_token * M * (n if attention == "standard" else 1)  # standard reads each row's copy
+    decode = kv_per_token * n * T / 2
+    nbytes = params_linear * bytes_per_elem + context + decode
+    flops = 2 * params_linear * n + 4 * L * H * D * n * (M + T / 2)  # q.k and p.v over M + T/2 keys
+    return nbytes, flops
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+def release(device: torch.device, compiled: bool):
+    # A configuration's compiled graphs and their CUDA-graph memory pool go with it (generate drops
+    # its caches itself when the next run sets up); the next one compiles for its own shapes.
+    if compiled:
+        torch.compiler.reset()
+    if device.type == "cuda":  # compiled graphs hold tensors in reference cycles
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def measure(model, name: str, attention: str, n: int, M: int, T: int, compile: bool, repeats: int,
+            rates: tuple[float, float]) -> dict:
+    device, dtype = model.output.weight.device, model.output.weight.dtype
+    plan = generate.plan_memory(model.config, attention, n, M, T, dtype)
+    row = dict(kind="decode", model=name, context=M, n=n, attention=attention, max_new_tokens=T,
+               predicted_gb=plan["total"] / 1e9, oom=False)
+    prompt = generate.read_prompt(None, None, M, model.config.vocab_size)  # generate.py's --prompt_len prompt
+    runs = []
+    try:
+        for _ in range(repeats):
+            runs.append(generate.generate(model, prompt, num_samples=n, max_new_tokens=T, temperature=0.8,
+                                          eos_ids=(), attention=attention, compile=compile, seed=0).stats)
+    except ValueError as e:
+        if not str(e).startswith("does not fit"):
+            raise
+        row.update(oom=True)
+    except torch.OutOfMemoryError:  # the plan said it fits, the allocator disagreed
+        row.update(oom=True, crashed=True)
+    release(device, compile)
+    if row["oom"]:
+        return row
+    ms = statistics.median(r["decode_ms_per_step"] for r in runs)
+    nbytes, flops = step_cost(model.config, linear_params(model), attention, n, M, T, dtype.itemsize)
+    read_ms, matmul_ms = 1e3 * nbytes / rates[0], 1e3 * flops / rates[1]
+    floor_ms = max(read_ms, matmul_ms)
+    row.update(ms_per_step=ms, ms_per_step_runs=[r["decode_ms_per_step"] for r in runs],
+               prefill_ms=statistics.median(r["prefill_ms"] for r in runs),
+               peak_memory_gb=max(r["peak_memory_gb"] for r in runs),
+               compile_s=runs[0]["compile_s"],  # the first run compiles; later ones find it warm
+               compile_s_runs=[r["compile_s"] for r in runs],
+               bytes_per_step_gb=nbytes / 1e9, tflop_per_step=flops / 1e12, floor_ms=floor_ms,
+               bound="memory" if read_ms >= matmul_ms else "compute", pct_of_floor=100 * floor_ms / ms,
+               achieved_gbps=nbytes / ms / 1e6)
+    return row
+
+
+def measure_e2e(model, name: str, compile: bool, repeats: int) -> dict:
+    prompt = generate.read_prompt(None, None, E2E_PROMPT, model.config.vocab_size)
+    kwargs = dict(num_samples=1, max_new_tokens=E2E_NEW_TOKENS, temperature=0.8, eos_ids=(), compile=compile, seed=0)
+    generate.generate(model, prompt, **kwargs)  # warm-up: compilation and the first CUDA-graph recording
+    totals = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        stats = generate.generate(model, prompt, **kwargs).stats  # returns synced: its tokens are on the host
+        totals.append(time.perf_counter() - t0)
+    release(model.output.weight.device, compile)
+    total = statistics.median(totals)
+    return dict(kind="e2e", model=name, context=E2E_PROMPT, n=1, attention="bifurcated", max_new_tokens=E2E_NEW_TOKENS,
+                total_s=total, total_s_runs=totals, tokens_per_s=E2E_NEW_TOKENS / total,
+                prefill_ms=stats["prefill_ms"], ms_per_step=stats["decode_ms_per_step"],
+                peak_memory_gb=stats["peak_memory_gb"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+def gpu_slug(device_name: str) -> str:
+    # "NVIDIA H100 80GB HBM3" -> "h100-80gb-hbm3"
+    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-").removeprefix("nvidia-")
+
+
+def md_row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+DECODE_COLUMNS = ("model", "context", "n", "attention", "ms/step", "floor ms", "% of floor", "GB/s", "peak GB",
+                  "prefill ms", "compile s")
+E2E_COLUMNS = ("model", "prompt", "new tokens", "tokens/s", "total s", "prefill ms", "ms/step")
+DECODE_HEADER = [md_row(*DECODE_COLUMNS), md_row(*["---"] * len(DECODE_COLUMNS))]
+E2E_HEADER = [md_row(*E2E_COLUMNS), md_row(*["---"] * len(E2E_COLUMNS))]
+
+
+def table_row(r: dict) -> str:
+    if r["kind"] == "e2e":
+        return md_row(r["model"], r["context"], r["max_new_tokens"], f"{r['tokens_per_s']:.1f}",
+                      f"{r['total_s']:.2f}", f"{r['prefill_ms']:.1f}", f"{r['ms_per_step']:.2f}")
+    head = (r["model"], r["context"], r["n"], r["attention"])
+    if r["oom"]:
+        return md_row(*head, f"OOM (predicted {r['predicted_gb']:.1f} GB)", *[""] * 6)
+    return md_row(*head, f"{r['ms_per_step']:.2f}", f"{r['floor_ms']:.2f}", f"{r['pct_of_floor']:.0f}%",
+                  f"{r['achieved_gbps']:.0f}", f"{r['peak_memory_gb']:.1f}", f"{r['prefill_ms']:.1f}",
+                  f"{r['compile_s']:.1f}")
+
+
+def markdown(result: dict) -> str:
+    setting = (f"torch {result['torch']}, {result['date']}, {result['dtype']}, "
+               f"{'compiled' if result['compile'] else 'eager'}, {result['max_new_tokens']} new tokens, median of "
+               f"{result['repeats']} runs. Measured in this run: read bandwidth "
+               f"{result['read_bandwidth_gbps']:.0f} GB/s, matmul {result['matmul_tflops']:.1f} TFLOP/s.")
+    lines = [f"# Decode benchmark: {result['gpu']}", "", setting, "", f"`{result['command']}`", "", *DECODE_HEADER,
+             *(table_row(r) for r in result["rows"] if r["kind"] == "decode")]
+    e2e = [table_row(r) for r in result["rows"] if r["kind"] == "e2e"]
+    if e2e:
+        lines += ["", "End to end, one sample, prefill included:", "", *E2E_HEADER, *e2e]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str):
+    # a temporary file in the same directory, renamed: a killed run never leaves half a file
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def plot(path: Path, result: dict) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    lines = {}  # (model, context, attention) -> [(n, ms/step)]
+    for r in result["rows"]:
+        if r["kind"] == "decode" and not r["oom"]:
+            lines.setdefault((r["model"], r["context"], r["attention"]), []).append((r["n"], r["ms_per_step"]))
+    colors = {}  # one colour per (model, context): its bifurcated and standard lines side by side
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for (name, M, attention), points in sorted(lines.items()):
+        color = colors.setdefault((name, M), f"C{len(colors) % 10}")
+        ns, ms = zip(*sorted(points))
+        ax.plot(ns, ms, marker="o", color=color, linestyle="--" if attention == "standard" else "-",
+                label=f"{name}, {M} context, {attention}")
+    ax.set(xscale="log", yscale="log", xlabel="samples n", ylabel="ms per decode step",
+           title=f"{result['gpu']}, {result['dtype']}, {result['max_new_tokens']} new tokens")
+    ax.set_xticks(sorted({n for points in lines.values() for n, _ in points}))
+    for axis in (ax.xaxis, ax.yaxis):  # 32, not 3.2 x 10^1
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+def main(models: list[str], contexts: list[int], samples: list[int], attention: list[str], max_new_tokens: int,
+         repeats: int, out_dir: str, tag: str, device: str, dtype: str, compile: bool, e2e: bool):
+    for name in models:
+        ModelArgs.from_name(name)  # an unknown name fails here, before an hour of measuring
+    for n in samples:
+        for mode in attention:
+            generate.check_sampling_args(n, max_new_tokens, 0.8, None, 1.0, mode)
+    if min(contexts) < 1 or repeats < 1:
+        raise ValueError("contexts and repeats must be at least 1")
+    if not re.fullmatch(r"[\w.-]+", tag):
+        raise ValueError(f"tag {tag!r} must be a plain file name (letters, digits, '.', '_', '-')")
+    dev = generate.resolve_device(device)
+    torch_dtype = generate.resolve_dtype(dtype, dev)
+    compile = dev.type == "cuda" if compile is None else compile
+    e2e = dev.type == "cuda" if e2e is None else e2e
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    stem = Path(out_dir) / gpu_slug(gpu) / tag
+    stem.parent.mkdir(parents=True, exist_ok=True)
+
+    read_bw, matmul_rate = measure_rates(dev, torch_dtype, **RATE_SIZES[dev.type])
+    print(f"{gpu}: read {read_bw / 1e9:.0f} GB/s, matmul {matmul_rate / 1e12:.1f} TFLOP/s ({torch_dtype})", flush=True)
+    result = dict(command=shlex.join(["python"] + sys.argv), argv=sys.argv, torch=torch.__version__, gpu=gpu,
+                  device=str(dev), dtype=str(torch_dtype).removeprefix("torch."), compile=compile,
+                  max_new_tokens=max_new_tokens, repeats=repeats,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  read_bandwidth_gbps=read_bw / 1e9, matmul_tflops=matmul_rate / 1e12,
+                  rate_sizes=RATE_SIZES[dev.type], rows=[])
+    total, done = len(models) * len(contexts) * len(samples) * len(attention), 0
+
+    def record(row: dict, prefix: str):
+        print(f"{prefix} {table_row(row)}", flush=True)  # a killed run keeps every row measured so far
+        result["rows"].append(row)
+        write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+        write_atomic(stem.with_suffix(".md"), markdown(result))
+
+    for name in models:
+        model, _ = generate.load_model("synthetic:" + name, dev, torch_dtype)
+        if e2e:
+            print("\n".join(E2E_HEADER))
+            record(measure_e2e(model, name, compile, repeats), "[e2e]")
+        print("\n".join(DECODE_HEADER))
+        for M in contexts:
+            for n in samples:
+                for mode in attention:
+                    done += 1
+                    row = measure(model, name, mode, n, M, max_new_tokens, compile, repeats, (read_bw, matmul_rate))
+                    record(row, f"[{done}/{total}]")
+        del model
+        release(dev, compiled=False)
+    print(f"wrote {stem}.json and {stem}.md")
+    if plot(stem.with_suffix(".png"), result):
+        print(f"wrote {stem}.png")
+    else:
+        print("matplotlib is not installed: no plot")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Decode speed of parallel sampling against the memory-bandwidth floor.")
+    p.add_argument("--models", nargs="+", default=["Llama-2-7B"], help="named configs, random weights")
+    p.add_argument("--contexts", nargs="+", type=int, default=[8192, 16384, 32768], help="prompt lengths M")
+    p.add_argument("--samples", nargs="+", type=int, default=[1, 8, 32, 64, 256, 512], help="numbers of samples n")
+    p.add_argument("--attention", nargs="+", default=["bifurcated", "standard"])
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median is reported")
+    p.add_argument("--out_dir", default="bench/results", help="results go to OUT_DIR/<gpu>/<tag>.{json,md,png}")
+    p.add_argument("--tag", default="sweep")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile + CUDA graphs for the decode step (default: on for cuda, off for cpu)")
+    p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"also time n=1, {E2E_PROMPT}-token prompt, {E2E_NEW_TOKENS} new tokens end to end, "
+                        "prefill included (default: on for cuda)")
+    args = p.parse_args()
+    try:
+        main(**vars(args))
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,138 @@
+# scripts/benchmark.py: the sweep in-process on a tiny model (rows, floor fields, table), the floor
+# formula on a hand-computed case, and configurations that do not fit recorded without stopping it.
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate
+from model import ModelArgs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import benchmark  # noqa: E402
+
+SWEEP = dict(models=["tiny-gqa"], contexts=[64, 100], samples=[1, 3], attention=["bifurcated", "standard"],
+             max_new_tokens=8, repeats=1, tag="sweep", device="cpu", dtype="float32", compile=None, e2e=None)
+DECODE_KEYS = {"kind", "model", "context", "n", "attention", "max_new_tokens", "predicted_gb", "oom", "ms_per_step",
+               "ms_per_step_runs", "prefill_ms", "peak_memory_gb", "compile_s", "compile_s_runs", "bytes_per_step_gb",
+               "tflop_per_step", "floor_ms", "bound", "pct_of_floor", "achieved_gbps"}
+PLAN_BYTES = 3e9  # what the stub plan_memory predicts for every configuration
+
+
+@pytest.fixture
+def plan_calls(monkeypatch):
+    # the benchmark records what generate.plan_memory predicts, whatever generate's own fit check says
+    calls = []
+
+    def plan_memory(config, attention, n, M, T, dtype):
+        calls.append((config.n_layer, attention, n, M, T, dtype))
+        return dict(weights=1e9, context=1e9, decode=5e8, workspace=5e8, total=PLAN_BYTES)
+
+    monkeypatch.setattr(generate, "plan_memory", plan_memory)
+    return calls
+
+
+def read_results(tmp_path) -> tuple[dict, str]:
+    stem = tmp_path / "cpu" / "sweep"
+    return json.loads(stem.with_suffix(".json").read_text()), stem.with_suffix(".md").read_text()
+
+
+def test_sweep_rows_and_table(tmp_path, plan_calls):
+    benchmark.main(out_dir=str(tmp_path), **SWEEP)
+    result, table = read_results(tmp_path)
+    assert result["gpu"] == "cpu" and result["torch"] == torch.__version__ and result["dtype"] == "float32"
+    assert result["read_bandwidth_gbps"] > 0 and result["matmul_tflops"] > 0 and result["argv"] and result["date"]
+    rows = result["rows"]
+    configs = [(M, n, a) for M in (64, 100) for n in (1, 3) for a in ("bifurcated", "standard")]
+    assert [(r["context"], r["n"], r["attention"]) for r in rows] == configs  # no e2e row by default on CPU
+    assert plan_calls == [(2, a, n, M, 8, torch.float32) for M, n, a in configs]
+    for r in rows:
+        assert set(r) == DECODE_KEYS and r["kind"] == "decode" and not r["oom"]
+        assert r["predicted_gb"] == PLAN_BYTES / 1e9
+        for key in ("ms_per_step", "prefill_ms", "peak_memory_gb", "bytes_per_step_gb", "tflop_per_step",
+                    "floor_ms", "pct_of_floor", "achieved_gbps"):
+            assert r[key] > 0, key
+        assert r["pct_of_floor"] == pytest.approx(100 * r["floor_ms"] / r["ms_per_step"])
+        assert r["achieved_gbps"] == pytest.approx(r["bytes_per_step_gb"] / r["ms_per_step"] * 1e3)
+    # the standard cache reads the context once per sample: more bytes at n = 3, the same at n = 1
+    by = {(r["context"], r["n"], r["attention"]): r["bytes_per_step_gb"] for r in rows}
+    assert by[100, 3, "standard"] > by[100, 3, "bifurcated"] and by[100, 1, "standard"] == by[100, 1, "bifurcated"]
+    table_rows = [line for line in table.splitlines() if line.startswith("| tiny-gqa |")]
+    assert len(table_rows) == len(configs)
+    assert table_rows[0].startswith("| tiny-gqa | 64 | 1 | bifurcated |")
+
+
+def test_e2e_row(tmp_path, plan_calls, monkeypatch):
+    monkeypatch.setattr(benchmark, "E2E_PROMPT", 48)  # 1024 and 256 on a GPU; small here to keep the test fast
+    monkeypatch.setattr(benchmark, "E2E_NEW_TOKENS", 16)
+    benchmark.main(out_dir=str(tmp_path), **dict(SWEEP, contexts=[64], samples=[1], attention=["bifurcated"], e2e=True))
+    result, table = read_results(tmp_path)
+    e2e = result["rows"][0]
+    assert e2e["kind"] == "e2e" and (e2e["context"], e2e["n"], e2e["max_new_tokens"]) == (48, 1, 16)
+    assert e2e["tokens_per_s"] == pytest.approx(16 / e2e["total_s"]) and e2e["tokens_per_s"] > 0
+    assert len(result["rows"]) == 2 and "End to end" in table
+
+
+def test_step_cost_by_hand():
+    # tiny-gqa: L=2, H=4, Hkv=2, D=16; fp32; n=3, M=100, T=8
+    config = ModelArgs.from_name("tiny-gqa")
+    model, _ = generate.load_model("synthetic:tiny-gqa")
+    params = 2 * ((4 + 2 * 2) * 16 * 64 + 64 * 64 + 3 * 176 * 64) + 512 * 64  # wqkv, wo, w1/w2/w3; output
+    assert benchmark.linear_params(model) == params == 124928
+    kv = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, D 16, 4 bytes: 512 bytes per token
+    decode = kv * 3 * 8 / 2  # 3 samples, on average T / 2 = 4 of their own tokens
+    flops = 2 * params * 3 + 4 * 2 * 4 * 16 * 3 * (100 + 4)
+    bif = benchmark.step_cost(config, params, "bifurcated", 3, 100, 8, 4)
+    std = benchmark.step_cost(config, params, "standard", 3, 100, 8, 4)
+    assert bif == (params * 4 + kv * 100 + decode, flops) == (499712 + 51200 + 6144, 909312)
+    assert std == (params * 4 + 3 * kv * 100 + decode, flops)
+
+
+def test_does_not_fit_is_recorded_and_the_sweep_goes_on(tmp_path, plan_calls, monkeypatch):
+    real = generate.generate
+
+    def fake(model, prompt_ids, num_samples, attention, **kwargs):
+        if attention == "standard" and num_samples == 3:
+            raise ValueError("does not fit: predicted 3.0 GB, 1.0 GB free")
+        if attention == "standard" and len(prompt_ids) == 100:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(model, prompt_ids, num_samples, attention=attention, **kwargs)
+
+    monkeypatch.setattr(generate, "generate", fake)
+    benchmark.main(out_dir=str(tmp_path), **SWEEP)
+    result, table = read_results(tmp_path)
+    rows = {(r["context"], r["n"], r["attention"]): r for r in result["rows"]}
+    assert len(rows) == 8
+    assert rows[64, 3, "standard"] == dict(kind="decode", model="tiny-gqa", context=64, n=3, attention="standard",
+                                           max_new_tokens=8, predicted_gb=3.0, oom=True)
+    assert rows[100, 1, "standard"]["oom"] and rows[100, 1, "standard"]["crashed"]
+    assert [k for k, r in rows.items() if r["oom"]] == [(64, 3, "standard"), (100, 1, "standard"), (100, 3, "standard")]
+    assert all(r["ms_per_step"] > 0 for r in rows.values() if not r["oom"])
+    assert table.count("OOM (predicted 3.0 GB)") == 3
+
+
+def test_other_errors_are_not_taken_for_oom(tmp_path, plan_calls, monkeypatch):
+    def fake(*args, **kwargs):
+        raise ValueError("prompt too long")
+
+    monkeypatch.setattr(generate, "generate", fake)
+    with pytest.raises(ValueError, match="prompt too long"):
+        benchmark.main(out_dir=str(tmp_path), **SWEEP)
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    row = dict(kind="decode", model="tiny-gqa", context=64, oom=False)
+    rows = [dict(row, n=n, attention=a, ms_per_step=ms) for n, a, ms in [(1, "bifurcated", 1.0), (8, "bifurcated", 1.5),
+                                                                         (1, "standard", 1.0), (8, "standard", 4.0)]]
+    rows.append(dict(row, n=64, attention="standard", oom=True, predicted_gb=90.0))  # no point
+    path = tmp_path / "sweep.png"
+    assert benchmark.plot(path, dict(gpu="cpu", dtype="float32", max_new_tokens=8, rows=rows))
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_gpu_slug():
+    assert benchmark.gpu_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert benchmark.gpu_slug("NVIDIA H200") == "h200"
