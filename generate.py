@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from bifurcated import CACHES, check_memory, make_caches, plan_memory  # noqa: F401 (plan_memory: API)
+import tp
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, load_tokenizer
 
@@ -76,8 +77,13 @@ def load_model(checkpoint_path: str, device="cpu", dtype=torch.float32) -> tuple
         raise ValueError(f"cannot read checkpoint {path}: {e}") from None
     with torch.device("meta"):
         model = Transformer(config)
+        if "quantization" in meta:  # written by quantize.py (imported here: it imports this file)
+            import quantize
+
+            quantize.swap_linears(model, **json.loads(meta["quantization"]))
     check_state_dict(model, state, path)
-    model.load_state_dict({k: t.to(dtype) for k, t in state.items()}, assign=True)
+    # quantized weights keep their integer dtypes; scales and all else follow the model dtype
+    model.load_state_dict({k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}, assign=True)
     tok_path = path.parent / TOKENIZER_FILE
     tokenizer = load_tokenizer(tok_path) if tok_path.exists() else None
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
@@ -365,29 +371,41 @@ def main(checkpoint_path: Optional[str], prompt: Optional[str], prompt_file: Opt
     if output is not None and not Path(output).parent.is_dir():
         raise ValueError(f"output directory does not exist: {Path(output).parent}")
     dev = resolve_device(device)
+    rank, world, _ = tp.world_info()  # launched by torchrun: one process per GPU, tensor parallel
+    if world > 1:
+        dev = tp.init_distributed(dev)
     model, tokenizer = load_model(checkpoint_path, dev, resolve_dtype(dtype, dev))
+    if world > 1:
+        tp.apply_tp(model, rank, world)
+        seed = tp.same_on_all_ranks(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ())))
     prompt = read_prompt(prompt, prompt_file, prompt_len, model.config.vocab_size)
     compile = dev.type == "cuda" if compile is None else compile
     records, stats = complete(model, tokenizer, prompt, num_samples, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_k=top_k, top_p=top_p, attention=attention,
-                              compile=compile, seed=seed, progress=True)
+                              compile=compile, seed=seed, progress=rank == 0)
     if rerank:
         records = rerank_records(records)
+    if rank == 0:  # every rank holds the same samples; one prints and writes them
+        report(records, stats, f"model {checkpoint_path} on {dev}" + (f" x {world} ranks" if world > 1 else "")
+               + f" ({model.output.weight.dtype}), attention {attention}", compile)
+        if output is not None:
+            write_jsonl(output, records)
+            print(f"wrote {len(records)} samples to {output}")
+
+
+def report(records: list[dict], stats: dict, setup: str, compile: bool):
     for r in records:
         rank = f"rank {r['rank']}: " if "rank" in r else ""
         print(f"--- {rank}sample {r['sample']} ({r['finish_reason']}, {len(r['tokens'])} tokens, "
               f"mean logprob {r['mean_logprob']:.3f}) ---")
         print(r["text"] if r["text"] is not None else r["tokens"])
     print("--- stats ---")
-    print(f"model {checkpoint_path} on {dev} ({model.output.weight.dtype}), attention {attention}, seed {seed if seed is not None else stats['seed']}")
-    print(f"prompt {stats['prompt_tokens']} tokens, {num_samples} samples x {stats['steps']} steps")
+    print(f"{setup}, seed {stats['seed']}")
+    print(f"prompt {stats['prompt_tokens']} tokens, {stats['num_samples']} samples x {stats['steps']} steps")
     print(f"prefill {stats['prefill_ms']:.1f} ms | decode {stats['decode_ms_per_step']:.2f} ms/step | "
           f"{stats['tokens_per_s']:.1f} tokens/s (all samples, prefill included)"
           + (f" | compile {stats['compile_s']:.1f} s" if compile else ""))
     print(f"peak memory {stats['peak_memory_gb']:.2f} GB")
-    if output is not None:
-        write_jsonl(output, records)
-        print(f"wrote {len(records)} samples to {output}")
 
 
 if __name__ == "__main__":
@@ -413,9 +431,13 @@ if __name__ == "__main__":
     args = p.parse_args()
     try:
         main(**vars(args))
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, torch.OutOfMemoryError) as e:
+        rank = tp.world_info()[0]
+        if rank:  # under torchrun, rank 0 says why; another rank speaks only if it failed alone
+            time.sleep(2)  # (torchrun stops the others as soon as the first process exits)
+        oom = isinstance(e, torch.OutOfMemoryError)
+        print(f"error{f' (rank {rank})' if rank else ''}: {'out of GPU memory; try fewer samples or tokens' if oom else e}",
+              file=sys.stderr)
         sys.exit(1)
-    except torch.OutOfMemoryError:
-        print("error: out of GPU memory; try fewer samples, a shorter prompt or fewer new tokens", file=sys.stderr)
-        sys.exit(1)
+    finally:
+        tp.shutdown()

@@ -5,6 +5,7 @@
 #
 #   python scripts/benchmark.py                      # the PERF.md sweep on this machine's GPU
 #   python scripts/benchmark.py --models Mistral-7B --contexts 8192 --samples 1 32 --tag mistral
+#   torchrun --standalone --nproc_per_node=2 scripts/benchmark.py --tag sweep   # tensor parallel: sweep-tp2
 import argparse
 import datetime
 import gc
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 
 import generate
+import tp
 from model import ModelArgs
 
 E2E_PROMPT, E2E_NEW_TOKENS = 1024, 256  # PERF.md target: n = 1, 1K prompt, 256 new tokens, prefill included
@@ -250,17 +252,23 @@ def main(models: list[str], contexts: list[int], samples: list[int], attention: 
     if not re.fullmatch(r"[\w.-]+", tag):
         raise ValueError(f"tag {tag!r} must be a plain file name (letters, digits, '.', '_', '-')")
     dev = generate.resolve_device(device)
+    rank, world, _ = tp.world_info()  # under torchrun: tensor parallel, the floor per GPU, rank 0 reports
+    if world > 1:
+        dev = tp.init_distributed(dev)
+        tag = f"{tag}-tp{world}"
     torch_dtype = generate.resolve_dtype(dtype, dev)
     compile = dev.type == "cuda" if compile is None else compile
     e2e = dev.type == "cuda" if e2e is None else e2e
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     stem = Path(out_dir) / gpu_slug(gpu) / tag
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        stem.parent.mkdir(parents=True, exist_ok=True)
 
     read_bw, matmul_rate = measure_rates(dev, torch_dtype, **RATE_SIZES[dev.type])
-    print(f"{gpu}: read {read_bw / 1e9:.0f} GB/s, matmul {matmul_rate / 1e12:.1f} TFLOP/s ({torch_dtype})", flush=True)
+    say = print if rank == 0 else lambda *args, **kwargs: None
+    say(f"{gpu}: read {read_bw / 1e9:.0f} GB/s, matmul {matmul_rate / 1e12:.1f} TFLOP/s ({torch_dtype})", flush=True)
     result = dict(command=shlex.join(["python"] + sys.argv), argv=sys.argv, torch=torch.__version__, gpu=gpu,
-                  device=str(dev), dtype=str(torch_dtype).removeprefix("torch."), compile=compile,
+                  device=str(dev), tp=world, dtype=str(torch_dtype).removeprefix("torch."), compile=compile,
                   max_new_tokens=max_new_tokens, repeats=repeats,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   read_bandwidth_gbps=read_bw / 1e9, matmul_tflops=matmul_rate / 1e12,
@@ -268,6 +276,8 @@ def main(models: list[str], contexts: list[int], samples: list[int], attention: 
     total, done = len(models) * len(contexts) * len(samples) * len(attention), 0
 
     def record(row: dict, prefix: str):
+        if rank:
+            return
         print(f"{prefix} {table_row(row)}", flush=True)  # a killed run keeps every row measured so far
         result["rows"].append(row)
         write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
@@ -275,10 +285,12 @@ def main(models: list[str], contexts: list[int], samples: list[int], attention: 
 
     for name in models:
         model, _ = generate.load_model("synthetic:" + name, dev, torch_dtype)
+        if world > 1:
+            tp.apply_tp(model, rank, world)
         if e2e:
-            print("\n".join(E2E_HEADER))
+            say("\n".join(E2E_HEADER))
             record(measure_e2e(model, name, compile, repeats), "[e2e]")
-        print("\n".join(DECODE_HEADER))
+        say("\n".join(DECODE_HEADER))
         for M in contexts:
             for n in samples:
                 for mode in attention:
@@ -287,6 +299,8 @@ def main(models: list[str], contexts: list[int], samples: list[int], attention: 
                     record(row, f"[{done}/{total}]")
         del model
         release(dev, compiled=False)
+    if rank:
+        return
     print(f"wrote {stem}.json and {stem}.md")
     if plot(stem.with_suffix(".png"), result):
         print(f"wrote {stem}.png")
@@ -317,3 +331,5 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        tp.shutdown()

@@ -1,0 +1,106 @@
+# Tensor parallelism over torch.distributed, applied to a loaded plain model (one process per GPU,
+# launched with torchrun; gloo on CPU). Attention is split by heads and the MLP by its hidden
+# width (Megatron style): wqkv and w1/w3 keep this rank's rows (column-parallel), wo and w2 this
+# rank's columns (row-parallel), and one all-reduce after each sums the partial outputs. Each
+# rank's caches then hold only its KV heads; bifurcated attention runs unchanged on them. The
+# embedding, norms and output head are replicated, so every rank holds the same logits and, with
+# the same seed, draws the same samples.
+#
+#   torchrun --standalone --nproc_per_node=2 generate.py --checkpoint_path ... --num_samples 32
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import nn
+
+from model import Transformer
+
+
+def world_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) in a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group (NCCL on CUDA, gloo on CPU); returns this rank's device."""
+    rank, world, local_rank = world_info()
+    if device.type == "cuda":
+        if world > torch.cuda.device_count():  # the same answer on every rank: they all stop alike
+            raise ValueError(f"{world} ranks need {world} GPUs; this machine shows {torch.cuda.device_count()}")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def check_world_size(n_head: int, n_kv_heads: int, intermediate_size: int, world: int):
+    if n_head % world:
+        raise ValueError(f"the world size {world} must divide the {n_head} query heads")
+    if n_kv_heads % world and world % n_kv_heads:
+        raise ValueError(f"the world size {world} must divide the {n_kv_heads} KV heads or be a multiple of them")
+    if intermediate_size % world:
+        raise ValueError(f"the world size {world} must divide the MLP width {intermediate_size}")
+
+
+def kv_heads_of(rank: int, world: int, n_kv_heads: int) -> range:
+    # With fewer KV heads than ranks (MQA, or GQA on many GPUs), several ranks hold a copy of
+    # the one KV head their query heads use.
+    if n_kv_heads >= world:
+        per = n_kv_heads // world
+        return range(rank * per, (rank + 1) * per)
+    head = rank // (world // n_kv_heads)
+    return range(head, head + 1)
+
+
+def shard(w: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+    return w.chunk(world, dim=dim)[rank].contiguous()
+
+
+def apply_tp(model: Transformer, rank: int, world: int) -> Transformer:
+    cfg = model.config
+    check_world_size(cfg.n_head, cfg.n_kv_heads, cfg.intermediate_size, world)
+    H, Hkv, D = cfg.n_head, cfg.n_kv_heads, cfg.head_dim
+    kv = kv_heads_of(rank, world, Hkv)
+    for layer in model.layers:
+        attn, ff = layer.attention, layer.feed_forward
+        wq, wk, wv = attn.wqkv.weight.split([H * D, Hkv * D, Hkv * D], dim=0)
+        wk = wk.view(Hkv, D, -1)[kv.start : kv.stop].flatten(0, 1)  # (Hkv_local D, C)
+        wv = wv.view(Hkv, D, -1)[kv.start : kv.stop].flatten(0, 1)  # (Hkv_local D, C)
+        set_weight(attn.wqkv, torch.cat([shard(wq, 0, rank, world), wk, wv]))  # ((H + 2 Hkv)_local D, C)
+        set_weight(attn.wo, shard(attn.wo.weight, 1, rank, world))  # (C, H_local D)
+        attn.n_head, attn.n_kv_heads = H // world, len(kv)
+        set_weight(ff.w1, shard(ff.w1.weight, 0, rank, world))  # (F_local, C)
+        set_weight(ff.w3, shard(ff.w3.weight, 0, rank, world))  # (F_local, C)
+        set_weight(ff.w2, shard(ff.w2.weight, 1, rank, world))  # (C, F_local)
+        for module in (attn, ff):
+            module.register_forward_hook(all_reduce_output)
+    # the local shapes: caches and the memory planner read them from here
+    model.config = dataclasses.replace(cfg, n_head=H // world, n_kv_heads=len(kv),
+                                       intermediate_size=cfg.intermediate_size // world)
+    return model
+
+
+def set_weight(linear: nn.Linear, w: torch.Tensor):
+    linear.weight = nn.Parameter(w, requires_grad=False)
+    linear.out_features, linear.in_features = w.shape
+
+
+def all_reduce_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    # functional collective: traceable by torch.compile and captured in CUDA graphs
+    return funcol.all_reduce(output, "sum", dist.group.WORLD)
+
+
+def same_on_all_ranks(value: int) -> int:
+    """Rank 0's value, everywhere (a seed: every rank must draw the same samples)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
