@@ -439,5 +439,4 @@ if __name__ == "__main__":
         print(f"error{f' (rank {rank})' if rank else ''}: {'out of GPU memory; try fewer samples or tokens' if oom else e}",
               file=sys.stderr)
         sys.exit(1)
-    finally:
-        tp.shutdown()
+    tp.shutdown()  # after success only: its barrier would wait forever for a rank that failed alone

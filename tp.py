@@ -63,6 +63,8 @@ def shard(w: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
 def apply_tp(model: Transformer, rank: int, world: int) -> Transformer:
     cfg = model.config
     check_world_size(cfg.n_head, cfg.n_kv_heads, cfg.intermediate_size, world)
+    if not all(type(m) is nn.Linear for layer in model.layers for m in (layer.attention.wqkv, layer.feed_forward.w2)):
+        raise ValueError("tensor parallelism of a quantized checkpoint is not supported yet; use the bf16 one")
     H, Hkv, D = cfg.n_head, cfg.n_kv_heads, cfg.head_dim
     kv = kv_heads_of(rank, world, Hkv)
     for layer in model.layers:
@@ -103,4 +105,5 @@ def same_on_all_ranks(value: int) -> int:
 
 def shutdown():
     if dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while another still uses them
         dist.destroy_process_group()

@@ -331,5 +331,4 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    finally:
-        tp.shutdown()
+    tp.shutdown()  # after success only: its barrier would wait forever for a rank that failed alone
