@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from bifurcated import CACHES, check_memory, make_caches, plan_memory  # noqa: F401 (plan_memory: API)
 import tp
+from bifurcated import CACHES, check_memory, make_caches, plan_memory  # noqa: F401 (plan_memory: API)
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, load_tokenizer
 
