@@ -10,6 +10,8 @@
 # Dimension letters: n samples, M context length, T decode capacity, H query heads, Hkv KV heads,
 # g = H / Hkv, D head dim, R = n g query rows per KV head, P context splits.
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -96,34 +98,50 @@ def _decode_merge_kernel(Q, KD, VD, O_part, L_part, Out, Slot, R, G, QK_SCALE: t
     tl.store(Out + q_off[:, None] + d[None, :], (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=hmask[:, None])
 
 
-def context_plan(R: int, M: int, n_kv_heads: int, n_sm: int) -> tuple[int, int, int]:
-    """Tile sizes: query rows per block (the dot needs at least 16) and how many context splits
-    give every SM about two blocks to stream. Returns (BLOCK_R, P, chunk)."""
-    block_r = min(128, max(16, triton.next_power_of_2(R)))
+@dataclass(frozen=True)
+class Tiles:
+    """Launch parameters of the context kernel: the defaults serve the op; scripts/bench_attention.py
+    times others."""
+    max_rows: int = 128  # query rows per block, at most (the dot needs at least 16)
+    block_n: int = 64  # keys per inner step
+    waves: int = 2  # thread blocks per SM that the context split aims for
+    stages: int = 3  # software-pipelining depth of the key/value loads
+    warps: Optional[int] = None  # None: 8 for 128-row tiles, else 4
+
+
+def context_plan(R: int, M: int, n_kv_heads: int, n_sm: int, tiles: Tiles = Tiles()) -> tuple[int, int, int]:
+    """Query rows per block, and how many context splits give every SM `waves` blocks to stream.
+    Returns (BLOCK_R, P, chunk): P splits of chunk keys each (whole key blocks)."""
+    block_r = min(tiles.max_rows, max(16, triton.next_power_of_2(R)))
     row_blocks = triton.cdiv(R, block_r)
-    splits = max(1, min(triton.cdiv(2 * n_sm, n_kv_heads * row_blocks), triton.cdiv(M, 64)))
-    chunk = triton.cdiv(triton.cdiv(M, splits), 64) * 64  # whole key blocks per split
+    splits = max(1, min(triton.cdiv(tiles.waves * n_sm, n_kv_heads * row_blocks), triton.cdiv(M, tiles.block_n)))
+    chunk = triton.cdiv(triton.cdiv(M, splits), tiles.block_n) * tiles.block_n
     return block_r, triton.cdiv(M, chunk), chunk
 
 
-@torch.library.triton_op("bifurcated::decode_attention", mutates_args=())
-def decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor) -> Tensor:
+def run_decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor,
+                         tiles: Tiles = Tiles()) -> Tensor:
     q = q.contiguous()  # a transposed (n, 1, H, D): free, since S = 1
     n, H, _, D = q.shape  # q (n, H, 1, D); k_ctx, v_ctx (Hkv, M, D); k_dec, v_dec (n, Hkv, T, D); slot (1,)
     Hkv, M, _ = k_ctx.shape
     T, G = k_dec.shape[2], H // Hkv
     R = n * G
     n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    block_r, P, chunk = context_plan(R, M, Hkv, n_sm)
+    block_r, P, chunk = context_plan(R, M, Hkv, n_sm, tiles)
     o_part = torch.empty(P, Hkv, R, D, device=q.device, dtype=torch.float32)  # (P, Hkv, R, D)
     l_part = torch.empty(P, Hkv, R, device=q.device, dtype=torch.float32)  # (P, Hkv, R)
     out = torch.empty_like(q)  # (n, H, 1, D)
     # softmax in base 2 (exp2 is the hardware's instruction); a constexpr, so it stays fp32 under Inductor
     qk_scale = LOG2E / math.sqrt(D)
     torch.library.wrap_triton(_context_kernel)[(triton.cdiv(R, block_r), P, Hkv)](
-        q, k_ctx, v_ctx, o_part, l_part, R, G, M, QK_SCALE=qk_scale, HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=64,
-        num_warps=8 if block_r >= 128 else 4, num_stages=3)
+        q, k_ctx, v_ctx, o_part, l_part, R, G, M, QK_SCALE=qk_scale, HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r,
+        BLOCK_N=tiles.block_n, num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
     torch.library.wrap_triton(_decode_merge_kernel)[(n, Hkv)](
         q, k_dec, v_dec, o_part, l_part, out, slot, R, G, QK_SCALE=qk_scale,
         HKV=Hkv, D=D, T=T, P=P, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_T=32, num_warps=4, num_stages=2)
     return out
+
+
+@torch.library.triton_op("bifurcated::decode_attention", mutates_args=())
+def decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor) -> Tensor:
+    return run_decode_attention(q, k_ctx, v_ctx, k_dec, v_dec, slot)

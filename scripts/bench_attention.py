@@ -1,0 +1,90 @@
+# One layer's decode attention alone, on a GPU: the Triton kernel (its default tiles, and others
+# with --sweep) and the plain-PyTorch reference, against the bytes the step must read (the shared
+# context once, each sample's filled decode slots, q and the output) over the read bandwidth
+# measured in the same run. For tuning bifurcated_triton.py; scripts/benchmark.py times whole steps.
+#
+#   python scripts/bench_attention.py                     # Llama-2-7B heads (MHA) and Mistral-7B's (GQA)
+#   python scripts/bench_attention.py --kv_heads 8 --contexts 8192 --samples 32 --sweep
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import bifurcated` as a script
+
+import torch
+import triton.testing
+
+from bifurcated import bifurcated_attention
+from bifurcated_triton import Tiles, context_plan, run_decode_attention
+
+T, SLOT = 128, 63  # decode capacity, and a step half-way through it: 64 filled slots
+SWEEP = [Tiles(block_n=b, waves=w, stages=s) for b, w, s in itertools.product((32, 64, 128), (1, 2, 4), (2, 3, 4))]
+
+
+def read_bandwidth() -> float:
+    x = torch.randn(1 << 31, device="cuda", dtype=torch.bfloat16)  # 4 GiB
+    return x.numel() * 2 / (triton.testing.do_bench(x.sum, return_mode="min") * 1e-3)
+
+
+def inputs(n: int, H: int, Hkv: int, M: int, D: int, copies: int) -> list[tuple]:
+    # several copies to rotate through, so that a context smaller than the L2 cache is still read
+    # from memory, as in a real step where 32 layers' contexts pass through
+    rnd = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)
+    slot = torch.tensor([SLOT], device="cuda")
+    return [(rnd(n, H, 1, D), rnd(Hkv, M, D), rnd(Hkv, M, D), rnd(n, Hkv, T, D), rnd(n, Hkv, T, D), slot)
+            for _ in range(copies)]
+
+
+def time_us(fn, sets: list[tuple]) -> float:
+    it = itertools.cycle(sets)
+    return 1e3 * triton.testing.do_bench(lambda: fn(*next(it)), warmup=25, rep=200, return_mode="median")
+
+
+def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], samples: list[int], sweep: bool,
+         output: str | None):
+    bw = read_bandwidth()
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{torch.cuda.get_device_name()}: read {bw / 1e9:.0f} GB/s")
+    print("| Hkv | M | n | path | tiles (rows, splits, chunk) | us | GB/s | % of read bandwidth |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for Hkv, M, n in itertools.product(kv_heads, contexts, samples):
+        D, H = head_dim, heads
+        nbytes = 2 * (2 * Hkv * M * D + 2 * n * Hkv * (SLOT + 1) * D + 2 * n * H * D)  # bf16
+        sets = inputs(n, H, Hkv, M, D, copies=max(2, -(-(200 << 20) // nbytes)))
+        paths = [("reference", None)] + [("triton", t) for t in ([Tiles()] + (SWEEP if sweep else []))]
+        for name, tiles in paths:
+            if name == "reference" and n * H * M > 2**28:  # its (Hkv, n g, M) fp32 scores would not fit
+                continue
+            fn = bifurcated_attention if tiles is None else lambda *a, t=tiles: run_decode_attention(*a, tiles=t)
+            us = time_us(fn, sets)
+            plan = context_plan(n * H // Hkv, M, Hkv, n_sm, tiles) if tiles else None
+            row = dict(kv_heads=Hkv, context=M, n=n, path=name, tiles=dataclasses.asdict(tiles) if tiles else None,
+                       plan=plan, us=us, gbps=nbytes / us / 1e3, pct_of_bandwidth=100 * nbytes / (us * 1e-6) / bw)
+            rows.append(row)
+            print(f"| {Hkv} | {M} | {n} | {name} | {plan or ''} {tiles or ''} | {us:.1f} | {row['gbps']:.0f} "
+                  f"| {row['pct_of_bandwidth']:.0f}% |", flush=True)
+        del sets
+    if output:
+        Path(output).write_text(json.dumps(dict(command=" ".join(["python"] + sys.argv), torch=torch.__version__,
+                                                gpu=torch.cuda.get_device_name(), read_gbps=bw / 1e9, rows=rows),
+                                           indent=1))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Time one layer's bifurcated decode attention on a GPU.")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv_heads", type=int, nargs="+", default=[32, 8])
+    p.add_argument("--head_dim", type=int, default=128)
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--samples", type=int, nargs="+", default=[1, 8, 32, 64, 256, 512])
+    p.add_argument("--sweep", action="store_true", help="also time 27 other tile choices")
+    p.add_argument("--output", help="write every number to this JSON file")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("error: needs a CUDA GPU", file=sys.stderr)
+        sys.exit(1)
+    main(**vars(args))

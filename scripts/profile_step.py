@@ -1,0 +1,68 @@
+# Where the time of one decode step goes: the compiled, CUDA-graphed step of generate.py run a
+# number of times under torch.profiler, GPU time per kernel per step, largest first.
+#
+#   python scripts/profile_step.py --model Llama-2-7B --context 8192 --num_samples 32
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import generate` as a script
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bifurcated import make_caches
+from generate import decode_step, load_model, read_prompt, resolve_device
+
+
+@torch.no_grad()
+def main(model: str, context: int, num_samples: int, attention: str, steps: int, compile: bool, top: int,
+         trace: str | None):
+    dev = resolve_device(None)
+    m, _ = load_model("synthetic:" + model, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    cfg, n, T = m.config, num_samples, steps + 8
+    m.setup(context + T, make_caches(attention, cfg.n_layer, n, cfg.n_kv_heads, cfg.head_dim, context, T,
+                                     m.output.weight.dtype, dev))
+    prompt = torch.tensor(read_prompt(None, None, context, cfg.vocab_size), device=dev)[None]  # (1, M)
+    m(prompt, torch.arange(context, device=dev), last_only=True)  # prefill: fills the context cache
+    step = functools.partial(decode_step, m, temperature=0.8, top_k=None, top_p=1.0, vocab_size=cfg.vocab_size)
+    if compile:
+        step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    tokens = torch.zeros(n, 1, dtype=torch.long, device=dev)
+    pos = torch.tensor(context, device=dev)
+    for _ in range(4):  # compilation and CUDA-graph recording, outside the profile
+        tokens = step(tokens, pos)[0][:, None].clone()
+        pos += 1
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            tokens = step(tokens, pos)[0][:, None].clone()
+            pos += 1
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time_total for e in kernels)
+    print(f"{model}, context {context}, n {num_samples}, {attention}: {total / steps / 1e3:.2f} ms of GPU time per step")
+    print("| kernel | us per step | share | calls per step |\n|---|---|---|---|")
+    for e in sorted(kernels, key=lambda e: -e.device_time_total)[:top]:
+        print(f"| {e.key[:90]} | {e.device_time_total / steps:.1f} | {100 * e.device_time_total / total:.1f}% "
+              f"| {e.count / steps:.1f} |")
+    if trace:
+        prof.export_chrome_trace(trace)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="GPU time per kernel of one decode step.")
+    p.add_argument("--model", default="Llama-2-7B")
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--num_samples", type=int, default=32)
+    p.add_argument("--attention", default="bifurcated")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--trace", help="also write a Chrome trace here")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("error: needs a CUDA GPU", file=sys.stderr)
+        sys.exit(1)
+    main(**vars(args))
