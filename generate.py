@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -53,12 +53,14 @@ def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_model(checkpoint_path: str, device="cpu", dtype=torch.float32) -> tuple[Transformer, Optional[Tokenizer]]:
+def load_model(checkpoint_path: str, device="cpu", dtype=torch.float32,
+               prepare: Optional[Callable[[Transformer], Transformer]] = None) -> tuple[Transformer, Optional[Tokenizer]]:
     """A converted checkpoint (file or directory), or `synthetic:NAME` for random weights of a
-    named config. Returns the model in eval mode and the tokenizer beside the checkpoint (or None)."""
+    named config. Returns the model in eval mode and the tokenizer beside the checkpoint (or None).
+    prepare: applied before the weights reach `device` (tp.apply_tp: each GPU gets only its shard)."""
     device = torch.device(device)
     if checkpoint_path.startswith("synthetic:"):
-        return synthetic_model(checkpoint_path.split(":", 1)[1], device, dtype), None
+        return synthetic_model(checkpoint_path.split(":", 1)[1], device, dtype, prepare), None
     path = Path(checkpoint_path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
@@ -67,7 +69,7 @@ def load_model(checkpoint_path: str, device="cpu", dtype=torch.float32) -> tuple
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device=str(device if prepare is None else "cpu")) as f:
             meta = f.metadata() or {}
             if "config" not in meta:
                 raise ValueError(f"checkpoint {path} records no config; convert it with scripts/convert_hf_checkpoint.py")
@@ -84,6 +86,8 @@ def load_model(checkpoint_path: str, device="cpu", dtype=torch.float32) -> tuple
     check_state_dict(model, state, path)
     # quantized weights keep their integer dtypes; scales and all else follow the model dtype
     model.load_state_dict({k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}, assign=True)
+    if prepare is not None:
+        model = prepare(model).to(device)
     tok_path = path.parent / TOKENIZER_FILE
     tokenizer = load_tokenizer(tok_path) if tok_path.exists() else None
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
@@ -102,13 +106,17 @@ def check_state_dict(model: Transformer, state: dict, path: Path):
                              f"{tuple(state[k].shape)}, config expects {shape}")
 
 
-def synthetic_model(name: str, device: torch.device, dtype: torch.dtype) -> Transformer:
+def synthetic_model(name: str, device: torch.device, dtype: torch.dtype,
+                    prepare: Optional[Callable[[Transformer], Transformer]] = None) -> Transformer:
     # Random weights have no trained length, so the length limit is lifted to what the run asks.
     config = ModelArgs.from_name(name)
     config.block_size = 1 << 30
     with torch.device("meta"):
         model = Transformer(config)
+    if prepare is not None:  # on shapes alone: no rank ever holds the whole model
+        model = prepare(model)
     model = model.to_empty(device=device).to(dtype)
+    # the same draws in the same order on every rank: replicated weights come out identical
     gen = torch.Generator(device).manual_seed(0)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
@@ -374,9 +382,9 @@ def main(checkpoint_path: Optional[str], prompt: Optional[str], prompt_file: Opt
     rank, world, _ = tp.world_info()  # launched by torchrun: one process per GPU, tensor parallel
     if world > 1:
         dev = tp.init_distributed(dev)
-    model, tokenizer = load_model(checkpoint_path, dev, resolve_dtype(dtype, dev))
+    prepare = functools.partial(tp.apply_tp, rank=rank, world=world) if world > 1 else None
+    model, tokenizer = load_model(checkpoint_path, dev, resolve_dtype(dtype, dev), prepare)
     if world > 1:
-        tp.apply_tp(model, rank, world)
         seed = tp.same_on_all_ranks(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ())))
     prompt = read_prompt(prompt, prompt_file, prompt_len, model.config.vocab_size)
     compile = dev.type == "cuda" if compile is None else compile

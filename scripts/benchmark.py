@@ -8,6 +8,7 @@
 #   torchrun --standalone --nproc_per_node=2 scripts/benchmark.py --tag sweep   # tensor parallel: sweep-tp2
 import argparse
 import datetime
+import functools
 import gc
 import json
 import os
@@ -284,9 +285,8 @@ def main(models: list[str], contexts: list[int], samples: list[int], attention: 
         write_atomic(stem.with_suffix(".md"), markdown(result))
 
     for name in models:
-        model, _ = generate.load_model("synthetic:" + name, dev, torch_dtype)
-        if world > 1:
-            tp.apply_tp(model, rank, world)
+        shard = functools.partial(tp.apply_tp, rank=rank, world=world) if world > 1 else None
+        model, _ = generate.load_model("synthetic:" + name, dev, torch_dtype, shard)
         if e2e:
             say("\n".join(E2E_HEADER))
             record(measure_e2e(model, name, compile, repeats), "[e2e]")

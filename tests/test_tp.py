@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import tp
+from model import ModelArgs, Transformer
+from test_cli import save_checkpoint
 from tp_worker import run_all
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,16 +44,24 @@ def test_tp_equals_one_process(world, reference, tmp_path):
 
 
 def test_cli_under_torchrun(tmp_path):
-    args = ["--checkpoint_path", "synthetic:tiny-gqa", "--prompt_len", "16", "--num_samples", "3",
-            "--max_new_tokens", "6", "--device", "cpu", "--temperature", "1.0"]
-    one = subprocess.run([sys.executable, "generate.py", *args, "--seed", "4", "--output", str(tmp_path / "one.jsonl")],
+    # a real checkpoint: loaded on the CPU, sharded, and each shard moved to its rank's device
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny-gqa"))
+    ckpt = save_checkpoint(tmp_path / "ckpt", {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    args = ["--checkpoint_path", str(ckpt), "--prompt_len", "16", "--num_samples", "3", "--max_new_tokens", "6",
+            "--device", "cpu", "--temperature", "1.0", "--seed", "4"]
+    one = subprocess.run([sys.executable, "generate.py", *args, "--output", str(tmp_path / "one.jsonl")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr
-    two = torchrun(2, "generate.py", *args, "--seed", "4", "--output", str(tmp_path / "two.jsonl"))
+    two = torchrun(2, "generate.py", *args, "--output", str(tmp_path / "two.jsonl"))
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("--- stats ---") == 1, "rank 0 alone prints"
     read = lambda f: [json.loads(line) for line in (tmp_path / f).read_text().splitlines()]
     assert [r["tokens"] for r in read("one.jsonl")] == [r["tokens"] for r in read("two.jsonl")]
+    # synthetic weights are drawn per shard (no rank builds the whole model): it runs, rank 0 reports
+    syn = torchrun(2, "generate.py", "--checkpoint_path", "synthetic:tiny-mqa", "--prompt_len", "8",
+                   "--max_new_tokens", "4", "--device", "cpu")
+    assert syn.returncode == 0 and "x 2 ranks" in syn.stdout, syn.stderr[-3000:]
 
 
 def test_bad_world_size():
