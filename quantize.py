@@ -116,6 +116,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))  # (N, K)
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16))  # (N,)
 
+    def take_rows(self, idx: Tensor):  # tensor parallelism (tp.py): these output channels only
+        self.weight, self.scales = self.weight.index_select(0, idx), self.scales.index_select(0, idx)
+
+    def take_cols(self, start: int, stop: int):  # the scales are per output channel: all kept
+        self.weight = self.weight[:, start:stop].contiguous()
+
     def forward(self, x: Tensor) -> Tensor:
         # the per-channel scale commutes with the matmul; compiled, the int8 -> float cast fuses into it
         return F.linear(x, self.weight.to(x.dtype)) * self.scales
@@ -129,6 +135,19 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2,
                                                              dtype=torch.bfloat16))  # (K/G, N, 2)
         self.register_load_state_dict_post_hook(pack_for_cuda)
+
+    # tensor parallelism (tp.py), on the checkpoint's (N, K/2) layout, before pack_for_cuda
+    def take_rows(self, idx: Tensor):
+        self.weight = self.weight.index_select(0, idx)  # (N_local, K/2)
+        self.scales_and_zeros = self.scales_and_zeros.index_select(1, idx)  # (K/G, N_local, 2)
+
+    def take_cols(self, start: int, stop: int):
+        if start % self.groupsize or stop % self.groupsize:
+            raise ValueError(f"tensor parallelism splits {self.in_features} input channels at {start}..{stop}, "
+                             f"not a multiple of the int4 groupsize {self.groupsize}")
+        self.weight = self.weight[:, start // 2 : stop // 2].contiguous()  # (N, K_local/2)
+        G = self.groupsize
+        self.scales_and_zeros = self.scales_and_zeros[start // G : stop // G].contiguous()  # (K_local/G, N, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.weight.dim() == 4:  # CUDA: the tensor-core tile layout made at load; the kernel takes bf16 only
@@ -146,6 +165,13 @@ def pack_for_cuda(module: Int4Linear, incompatible_keys):
         inner_k_tiles = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
         module.weight = torch._convert_weight_to_int4pack(module.weight.contiguous(), inner_k_tiles)
         module.scales_and_zeros = module.scales_and_zeros.to(torch.bfloat16).contiguous()
+
+
+def pack_all_for_cuda(model: nn.Module):
+    # for weights that reached the GPU by .to() rather than load_state_dict (tensor parallelism)
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            pack_for_cuda(module, None)
 
 
 def swap_linears(model: Transformer, mode: str, groupsize: Optional[int] = None) -> Transformer:

@@ -56,39 +56,47 @@ def kv_heads_of(rank: int, world: int, n_kv_heads: int) -> range:
     return range(head, head + 1)
 
 
-def shard(w: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
-    return w.chunk(world, dim=dim)[rank].contiguous()
-
-
 def apply_tp(model: Transformer, rank: int, world: int) -> Transformer:
     cfg = model.config
     check_world_size(cfg.n_head, cfg.n_kv_heads, cfg.intermediate_size, world)
-    if not all(type(m) is nn.Linear for layer in model.layers for m in (layer.attention.wqkv, layer.feed_forward.w2)):
-        raise ValueError("tensor parallelism of a quantized checkpoint is not supported yet; use the bf16 one")
-    H, Hkv, D = cfg.n_head, cfg.n_kv_heads, cfg.head_dim
-    kv = kv_heads_of(rank, world, Hkv)
+    H, Hkv, D, F = cfg.n_head, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size
+    Hl, Fl, kv = H // world, F // world, kv_heads_of(rank, world, Hkv)
     for layer in model.layers:
         attn, ff = layer.attention, layer.feed_forward
-        wq, wk, wv = attn.wqkv.weight.split([H * D, Hkv * D, Hkv * D], dim=0)
-        wk = wk.view(Hkv, D, -1)[kv.start : kv.stop].flatten(0, 1)  # (Hkv_local D, C)
-        wv = wv.view(Hkv, D, -1)[kv.start : kv.stop].flatten(0, 1)  # (Hkv_local D, C)
-        set_weight(attn.wqkv, torch.cat([shard(wq, 0, rank, world), wk, wv]))  # ((H + 2 Hkv)_local D, C)
-        set_weight(attn.wo, shard(attn.wo.weight, 1, rank, world))  # (C, H_local D)
-        attn.n_head, attn.n_kv_heads = H // world, len(kv)
-        set_weight(ff.w1, shard(ff.w1.weight, 0, rank, world))  # (F_local, C)
-        set_weight(ff.w3, shard(ff.w3.weight, 0, rank, world))  # (F_local, C)
-        set_weight(ff.w2, shard(ff.w2.weight, 1, rank, world))  # (C, F_local)
+        dev = attn.wqkv.weight.device
+        arange = lambda a, b: torch.arange(a, b, device=dev)
+        # this rank's q heads, then its K and V heads, as rows of the fused wqkv
+        qkv = torch.cat([arange(rank * Hl * D, (rank + 1) * Hl * D), H * D + arange(kv.start * D, kv.stop * D),
+                         (H + Hkv) * D + arange(kv.start * D, kv.stop * D)])  # ((Hl + 2 Hkv_local) D,)
+        take_rows(attn.wqkv, qkv)  # column parallel
+        take_cols(attn.wo, rank * Hl * D, (rank + 1) * Hl * D)  # row parallel: partial sums
+        attn.n_head, attn.n_kv_heads = Hl, len(kv)
+        take_rows(ff.w1, arange(rank * Fl, (rank + 1) * Fl))
+        take_rows(ff.w3, arange(rank * Fl, (rank + 1) * Fl))
+        take_cols(ff.w2, rank * Fl, (rank + 1) * Fl)
         for module in (attn, ff):
             module.register_forward_hook(all_reduce_output)
     # the local shapes: caches and the memory planner read them from here
-    model.config = dataclasses.replace(cfg, n_head=H // world, n_kv_heads=len(kv),
-                                       intermediate_size=cfg.intermediate_size // world)
+    model.config = dataclasses.replace(cfg, n_head=Hl, n_kv_heads=len(kv), intermediate_size=Fl)
     return model
 
 
-def set_weight(linear: nn.Linear, w: torch.Tensor):
-    linear.weight = nn.Parameter(w, requires_grad=False)
-    linear.out_features, linear.in_features = w.shape
+def take_rows(linear: nn.Module, idx: torch.Tensor):
+    """Keep the output channels idx (column parallelism). Quantized layers know their own layout."""
+    if type(linear) is nn.Linear:
+        linear.weight = nn.Parameter(linear.weight.index_select(0, idx), requires_grad=False)
+    else:
+        linear.take_rows(idx)
+    linear.out_features = len(idx)
+
+
+def take_cols(linear: nn.Module, start: int, stop: int):
+    """Keep the input channels start..stop (row parallelism: the outputs are partial sums)."""
+    if type(linear) is nn.Linear:
+        linear.weight = nn.Parameter(linear.weight[:, start:stop].contiguous(), requires_grad=False)
+    else:
+        linear.take_cols(start, stop)
+    linear.in_features = stop - start
 
 
 def all_reduce_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:

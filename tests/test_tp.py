@@ -80,3 +80,27 @@ def test_world_size_checks():
         tp.check_world_size(32, 8, 11006, 4)
     assert [tp.kv_heads_of(r, 4, 2) for r in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
     assert [tp.kv_heads_of(r, 2, 8) for r in range(2)] == [range(0, 4), range(4, 8)]
+
+
+@pytest.mark.parametrize("mode", [["int8"], ["int4", "--groupsize", "32"]], ids=["int8", "int4"])
+def test_quantized_checkpoint_under_torchrun(mode, tmp_path):
+    # quantized layers shard in their own layouts (int4: whole groups per rank)
+    torch.manual_seed(0)
+    cfg = ModelArgs(dim=256, intermediate_size=512, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=512, block_size=256)
+    model = Transformer(cfg)
+    ckpt = save_checkpoint(tmp_path / "ckpt", {k: v.contiguous() for k, v in model.state_dict().items()}, cfg)
+    q = subprocess.run([sys.executable, "quantize.py", "--checkpoint_path", str(ckpt), "--mode", *mode],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert q.returncode == 0, q.stderr
+    path = next(p for p in ckpt.iterdir() if p.name.startswith("converted.int"))
+    args = ["--checkpoint_path", str(path), "--prompt_len", "12", "--num_samples", "3", "--max_new_tokens", "6",
+            "--device", "cpu", "--temperature", "1.0", "--seed", "2"]
+    one = subprocess.run([sys.executable, "generate.py", *args, "--output", str(tmp_path / "one.jsonl")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, "generate.py", *args, "--output", str(tmp_path / "two.jsonl"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    read = lambda f: [json.loads(line) for line in (tmp_path / f).read_text().splitlines()]
+    a, b = read("one.jsonl"), read("two.jsonl")
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    assert [r["mean_logprob"] for r in a] == pytest.approx([r["mean_logprob"] for r in b], abs=1e-5)
