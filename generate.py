@@ -210,9 +210,8 @@ def generate(model: Transformer, prompt_ids: Sequence[int], num_samples: int = 1
     model.setup(M + T)  # drop an earlier run's caches before planning and allocating new ones
     if device.type == "cuda":
         check_memory(cfg, attention, n, M, T, dtype, device)
+        torch.cuda.reset_peak_memory_stats(device)  # the peak of this run: its caches and after
     model.setup(M + T, make_caches(attention, cfg.n_layer, n, cfg.n_kv_heads, cfg.head_dim, M, T, dtype, device))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     vocab_size = vocab_size or cfg.vocab_size
     step = functools.partial(decode_step, model, temperature=temperature, top_k=top_k, top_p=top_p,
                              vocab_size=vocab_size)
@@ -314,8 +313,7 @@ def complete(model: Transformer, tokenizer: Optional[Tokenizer], prompt, num_sam
         prompt_ids = tokenizer.encode(prompt, bos=True)
     else:
         prompt_ids = list(prompt)
-    eos_ids = sorted(tokenizer.stop_ids) if tokenizer is not None else ()
-    vocab_size = tokenizer.vocab_size if tokenizer is not None else None
+    eos_ids, vocab_size = (sorted(tokenizer.stop_ids), tokenizer.vocab_size) if tokenizer is not None else ((), None)
     gen = generate(model, prompt_ids, num_samples, eos_ids=eos_ids, vocab_size=vocab_size, **kwargs)
     records = [dict(sample=i, prompt_tokens=len(prompt_ids), tokens=toks,
                     text=continuation(tokenizer, prompt_ids, toks) if tokenizer is not None else None,
@@ -449,4 +447,4 @@ if __name__ == "__main__":
         print(f"error{f' (rank {rank})' if rank else ''}: {'out of GPU memory; try fewer samples or tokens' if oom else e}",
               file=sys.stderr)
         sys.exit(1)
-    tp.shutdown()  # after success only: its barrier would wait forever for a rank that failed alone
+    tp.exit_distributed()  # after success only: its barrier would wait forever for a rank that failed alone

@@ -331,4 +331,4 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    tp.shutdown()  # after success only: its barrier would wait forever for a rank that failed alone
+    tp.exit_distributed()  # after success only: its barrier would wait forever for a rank that failed alone

@@ -24,6 +24,19 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
                            *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
+def one_and_two_processes(checkpoint: Path, tmp_path: Path) -> tuple[list[dict], list[dict], str]:
+    """The JSONL records of one process and of two under torchrun, same sampling; and the latter's stdout."""
+    args = ["--checkpoint_path", str(checkpoint), "--prompt_len", "12", "--num_samples", "3", "--max_new_tokens", "6",
+            "--device", "cpu", "--temperature", "1.0", "--seed", "4"]
+    one = subprocess.run([sys.executable, "generate.py", *args, "--output", str(tmp_path / "one.jsonl")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, "generate.py", *args, "--output", str(tmp_path / "two.jsonl"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    read = lambda f: [json.loads(line) for line in (tmp_path / f).read_text().splitlines()]
+    return read("one.jsonl"), read("two.jsonl"), two.stdout
+
+
 @pytest.fixture(scope="module")
 def reference():
     return run_all()
@@ -48,16 +61,9 @@ def test_cli_under_torchrun(tmp_path):
     torch.manual_seed(0)
     model = Transformer(ModelArgs.from_name("tiny-gqa"))
     ckpt = save_checkpoint(tmp_path / "ckpt", {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
-    args = ["--checkpoint_path", str(ckpt), "--prompt_len", "16", "--num_samples", "3", "--max_new_tokens", "6",
-            "--device", "cpu", "--temperature", "1.0", "--seed", "4"]
-    one = subprocess.run([sys.executable, "generate.py", *args, "--output", str(tmp_path / "one.jsonl")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert one.returncode == 0, one.stderr
-    two = torchrun(2, "generate.py", *args, "--output", str(tmp_path / "two.jsonl"))
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("--- stats ---") == 1, "rank 0 alone prints"
-    read = lambda f: [json.loads(line) for line in (tmp_path / f).read_text().splitlines()]
-    assert [r["tokens"] for r in read("one.jsonl")] == [r["tokens"] for r in read("two.jsonl")]
+    one, two, stdout = one_and_two_processes(ckpt, tmp_path)
+    assert stdout.count("--- stats ---") == 1, "rank 0 alone prints"
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
     # synthetic weights are drawn per shard (no rank builds the whole model): it runs, rank 0 reports
     syn = torchrun(2, "generate.py", "--checkpoint_path", "synthetic:tiny-mqa", "--prompt_len", "8",
                    "--max_new_tokens", "4", "--device", "cpu")
@@ -92,15 +98,6 @@ def test_quantized_checkpoint_under_torchrun(mode, tmp_path):
     q = subprocess.run([sys.executable, "quantize.py", "--checkpoint_path", str(ckpt), "--mode", *mode],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert q.returncode == 0, q.stderr
-    path = next(p for p in ckpt.iterdir() if p.name.startswith("converted.int"))
-    args = ["--checkpoint_path", str(path), "--prompt_len", "12", "--num_samples", "3", "--max_new_tokens", "6",
-            "--device", "cpu", "--temperature", "1.0", "--seed", "2"]
-    one = subprocess.run([sys.executable, "generate.py", *args, "--output", str(tmp_path / "one.jsonl")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert one.returncode == 0, one.stderr
-    two = torchrun(2, "generate.py", *args, "--output", str(tmp_path / "two.jsonl"))
-    assert two.returncode == 0, two.stderr[-3000:]
-    read = lambda f: [json.loads(line) for line in (tmp_path / f).read_text().splitlines()]
-    a, b = read("one.jsonl"), read("two.jsonl")
+    a, b, _ = one_and_two_processes(next(p for p in ckpt.iterdir() if p.name.startswith("converted.int")), tmp_path)
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
     assert [r["mean_logprob"] for r in a] == pytest.approx([r["mean_logprob"] for r in b], abs=1e-5)

@@ -32,4 +32,4 @@ if __name__ == "__main__":
     results = run_all(rank, world)
     if rank == 0:
         torch.save(results, sys.argv[1])
-    tp.shutdown()
+    tp.exit_distributed()
