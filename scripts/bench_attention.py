@@ -1,7 +1,8 @@
 # One layer's decode attention alone, on a GPU: the Triton kernel (its default tiles, and others
 # with --sweep) and the plain-PyTorch reference, against the bytes the step must read (the shared
 # context once, each sample's filled decode slots, q and the output) over the read bandwidth
-# measured in the same run. For tuning bifurcated_triton.py; scripts/benchmark.py times whole steps.
+# measured in the same run; each variant is checked against the reference before it is timed.
+# For tuning bifurcated_triton.py; scripts/benchmark.py times whole steps.
 #
 #   python scripts/bench_attention.py                     # Llama-2-7B heads (MHA) and Mistral-7B's (GQA)
 #   python scripts/bench_attention.py --kv_heads 8 --contexts 8192 --samples 32 --sweep
@@ -56,10 +57,16 @@ def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], sa
         nbytes = 2 * (2 * Hkv * M * D + 2 * n * Hkv * (SLOT + 1) * D + 2 * n * H * D)  # bf16
         sets = inputs(n, H, Hkv, M, D, copies=max(2, -(-(200 << 20) // nbytes)))
         paths = [("reference", None)] + [("triton", t) for t in ([Tiles()] + (SWEEP if sweep else []))]
+        small = n * H * M <= 2**28  # else the reference's (Hkv, n g, M) fp32 scores would not fit
+        expected = (bifurcated_attention if small else run_decode_attention)(*sets[0]).float()
         for name, tiles in paths:
-            if name == "reference" and n * H * M > 2**28:  # its (Hkv, n g, M) fp32 scores would not fit
+            if name == "reference" and not small:
                 continue
             fn = bifurcated_attention if tiles is None else lambda *a, t=tiles: run_decode_attention(*a, tiles=t)
+            err = ((fn(*sets[0]).float() - expected).norm() / expected.norm()).item()
+            if err > 1e-2:  # a fast wrong variant is no candidate
+                print(f"| {Hkv} | {M} | {n} | {name} | {tiles} | wrong: relative error {err:.3g} | | |")
+                continue
             us = time_us(fn, sets)
             plan = context_plan(n * H // Hkv, M, Hkv, n_sm, tiles) if tiles else None
             row = dict(kv_heads=Hkv, context=M, n=n, path=name, tiles=dataclasses.asdict(tiles) if tiles else None,
