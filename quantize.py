@@ -10,7 +10,7 @@
 #   python quantize.py --checkpoint_path DIR --mode int4 --groupsize 128
 #   python generate.py --checkpoint_path DIR/converted.int4-g128.safetensors --prompt "def f("
 #
-# The file records {"mode", "groupsize"} in its metadata; generate.load_model swaps the layers by
+# The file records {"mode", "groupsize"} in its metadata; checkpoint.load_model swaps the layers by
 # that (never by the file name) before loading the weights.
 #
 # Dimension letters: N output channels, K input channels, G group size.
@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from generate import CHECKPOINT_FILE, check_state_dict
+from checkpoint import CHECKPOINT_FILE, check_state_dict
 from model import ModelArgs, Transformer
 
 MODES = ("int8", "int4")

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from generate import CHECKPOINT_FILE
+from checkpoint import CHECKPOINT_FILE
 from model import ModelArgs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

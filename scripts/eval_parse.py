@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import gener
 
 import torch
 
+import checkpoint
 import generate
 
 SPLIT_FILE = "split.json"
@@ -143,7 +144,7 @@ def main(checkpoint_path: str, num_signatures: int, num_samples: int, temperatur
     dev = generate.resolve_device(device)
     model, tokenizer = generate.load_model(checkpoint_path, dev, dtype=torch.float32)
     if tokenizer is None:
-        raise ValueError(f"no {generate.TOKENIZER_FILE} beside the checkpoint {checkpoint_path}")
+        raise ValueError(f"no {checkpoint.TOKENIZER_FILE} beside the checkpoint {checkpoint_path}")
     results = []
     for i, (rel, line) in enumerate(signatures):
         prompt = line + "\n"

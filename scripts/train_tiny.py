@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from generate import CHECKPOINT_FILE, TOKENIZER_FILE, resolve_device
+from checkpoint import CHECKPOINT_FILE, TOKENIZER_FILE, resolve_device
 from model import ModelArgs, Transformer
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import tok_fixtures
-from generate import CHECKPOINT_FILE
+from checkpoint import CHECKPOINT_FILE
 from model import ModelArgs, Transformer
 from tokenizer import load_tokenizer
 

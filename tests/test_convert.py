@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from generate import CHECKPOINT_FILE
+from checkpoint import CHECKPOINT_FILE
 from model import ModelArgs
 from scripts.convert_hf_checkpoint import convert
 from test_hf_parity import make_hf_model, save_hf

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 import tok_fixtures
-from generate import CHECKPOINT_FILE, continuation
+from checkpoint import CHECKPOINT_FILE
+from generate import continuation
 from model import ModelArgs, Transformer
 from tokenizer import load_tokenizer
 

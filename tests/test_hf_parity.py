@@ -1,5 +1,5 @@
 # The acceptance test: tiny random Hugging Face Llama models, converted by the production
-# converter and loaded by generate.load_model, give the same logits and the same greedy
+# converter and loaded by checkpoint.load_model, give the same logits and the same greedy
 # continuations as transformers' LlamaForCausalLM.
 import subprocess
 import sys
@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bifurcated import CACHES
-from generate import CHECKPOINT_FILE, generate, load_model
+from checkpoint import CHECKPOINT_FILE, load_model
+from generate import generate
 from scripts.convert_hf_checkpoint import convert
 
 REPO = Path(__file__).resolve().parent.parent

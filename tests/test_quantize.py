@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import quantize
-from generate import CHECKPOINT_FILE, load_model
+from checkpoint import CHECKPOINT_FILE, load_model
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from generate import CHECKPOINT_FILE, DEFAULT_CHECKPOINT, TOKENIZER_FILE, complete, load_model
+from checkpoint import CHECKPOINT_FILE, DEFAULT_CHECKPOINT, TOKENIZER_FILE, load_model
+from generate import complete
 from model import ModelArgs
 
 ROOT = Path(__file__).resolve().parent.parent
