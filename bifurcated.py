@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from model import causal_attention
+
 try:  # the fused Triton kernel for CUDA; CPU-only installs have no Triton and use the reference
     from bifurcated_triton import decode_attention
 except ImportError:
@@ -39,7 +41,7 @@ class BifurcatedCache(nn.Module):
             check_prefill(q, self.context_len)
             self.k_ctx.copy_(k[0])
             self.v_ctx.copy_(v[0])
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
+            return causal_attention(q, k, v)
         # decode: q (n, H, 1, D), k, v (n, Hkv, 1, D); slot of this step in the decode part
         slot = (input_pos - self.context_len).view(1)  # (1,), a device tensor: no host sync
         self.k_dec.index_copy_(2, slot, k)
@@ -60,28 +62,29 @@ class StandardCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
-        gqa = q.size(1) != k.size(1)
         if input_pos.dim() == 1:  # prefill once, then copy the context into every sample's row
             check_prefill(q, self.context_len)
             self.k[:, :, : self.context_len] = k  # (1, Hkv, M, D) broadcast to (n, Hkv, M, D)
             self.v[:, :, : self.context_len] = v
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return causal_attention(q, k, v)
         self.k.index_copy_(2, input_pos.view(1), k)
         self.v.index_copy_(2, input_pos.view(1), v)
         mask = torch.arange(self.k.size(2), device=q.device) <= input_pos  # (M + T,) filled positions
-        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask.view(1, 1, 1, -1), enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask.view(1, 1, 1, -1),
+                                              enable_gqa=q.size(1) != k.size(1))
 
 
 CACHES = {"bifurcated": BifurcatedCache, "standard": StandardCache}
 
 
-def make_caches(attention: str, n_layer: int, n: int, n_kv_heads: int, head_dim: int, context_len: int,
-                max_new_tokens: int, dtype: torch.dtype, device) -> list[nn.Module]:
+def make_caches(attention: str, config, n: int, context_len: int, max_new_tokens: int, dtype: torch.dtype,
+                device) -> list[nn.Module]:
+    # config: ModelArgs; under tensor parallelism its heads are this rank's
     if attention not in CACHES:
         raise ValueError(f"unknown attention {attention!r}; known: {', '.join(CACHES)}")
     with torch.device(device):
-        return [CACHES[attention](n, n_kv_heads, head_dim, context_len, max_new_tokens, dtype)
-                for _ in range(n_layer)]
+        return [CACHES[attention](n, config.n_kv_heads, config.head_dim, context_len, max_new_tokens, dtype)
+                for _ in range(config.n_layer)]
 
 
 def check_prefill(q: Tensor, context_len: int):

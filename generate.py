@@ -109,7 +109,7 @@ def generate(model: Transformer, prompt_ids: Sequence[int], num_samples: int = 1
     if device.type == "cuda":
         check_memory(cfg, attention, n, M, T, dtype, device)
         torch.cuda.reset_peak_memory_stats(device)  # the peak of this run: its caches and after
-    model.setup(M + T, make_caches(attention, cfg.n_layer, n, cfg.n_kv_heads, cfg.head_dim, M, T, dtype, device))
+    model.setup(M + T, make_caches(attention, cfg, n, M, T, dtype, device))
     vocab_size = vocab_size or cfg.vocab_size
     step = functools.partial(decode_step, model, temperature=temperature, top_k=top_k, top_p=top_p,
                              vocab_size=vocab_size)

@@ -203,7 +203,12 @@ class CausalAttention(nn.Module):
     """No cache: causal attention over the tokens of this call alone (the reference path)."""
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
+        return causal_attention(q, k, v)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    # q (B, H, S, D), k, v (B, Hkv, S, D); SDPA's flash kernel on CUDA
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
 
 
 class FeedForward(nn.Module):

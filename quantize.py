@@ -134,7 +134,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))  # (N, K/2)
         self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2,
                                                              dtype=torch.bfloat16))  # (K/G, N, 2)
-        self.register_load_state_dict_post_hook(pack_for_cuda)
 
     # tensor parallelism (tp.py), on the checkpoint's (N, K/2) layout, before pack_for_cuda
     def take_rows(self, idx: Tensor):
@@ -157,21 +156,15 @@ class Int4Linear(nn.Module):
         return F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize).to(x.dtype))
 
 
-def pack_for_cuda(module: Int4Linear, incompatible_keys):
-    # Once loaded on a GPU, the (N, K/2) bytes are rearranged into the layout the int4 matmul
-    # kernel reads, (N/8, K/(16 t), 32, t/2) int32 for t inner k-tiles (the most K allows, <= 8).
-    if module.weight.is_cuda and module.weight.dim() == 2:
-        K = module.in_features
-        inner_k_tiles = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
-        module.weight = torch._convert_weight_to_int4pack(module.weight.contiguous(), inner_k_tiles)
-        module.scales_and_zeros = module.scales_and_zeros.to(torch.bfloat16).contiguous()
-
-
-def pack_all_for_cuda(model: nn.Module):
-    # for weights that reached the GPU by .to() rather than load_state_dict (tensor parallelism)
+def pack_for_cuda(model: nn.Module):
+    # Once on a GPU (and sharded, under tensor parallelism), each int4 layer's (N, K/2) bytes are
+    # rearranged into the layout the int4 matmul kernel reads, (N/8, K/(16 t), 32, t/2) int32 for
+    # t inner k-tiles (the most K allows, <= 8). checkpoint.load_model calls this last.
     for module in model.modules():
-        if isinstance(module, Int4Linear):
-            pack_for_cuda(module, None)
+        if isinstance(module, Int4Linear) and module.weight.is_cuda and module.weight.dim() == 2:
+            inner_k_tiles = next(t for t in (8, 4, 2) if module.in_features % (16 * t) == 0)
+            module.weight = torch._convert_weight_to_int4pack(module.weight.contiguous(), inner_k_tiles)
+            module.scales_and_zeros = module.scales_and_zeros.to(torch.bfloat16).contiguous()
 
 
 def swap_linears(model: Transformer, mode: str, groupsize: Optional[int] = None) -> Transformer:

@@ -26,7 +26,7 @@ def step_logits(model: Transformer, attention: str, prompt: list[int], tokens: t
     """Prefill `prompt`, then feed tokens (n, T) one step at a time; the logits of every step."""
     cfg, (n, T), M = model.config, tokens.shape, len(prompt)
     dev, dtype = model.output.weight.device, model.output.weight.dtype
-    model.setup(M + T, make_caches(attention, cfg.n_layer, n, cfg.n_kv_heads, cfg.head_dim, M, T, dtype, dev))
+    model.setup(M + T, make_caches(attention, cfg, n, M, T, dtype, dev))
     out = [model(torch.tensor([prompt], device=dev), torch.arange(M, device=dev))[:, -1].expand(n, -1)]
     for t in range(T):
         out.append(model(tokens[:, t : t + 1], torch.tensor(M + t, device=dev))[:, -1])

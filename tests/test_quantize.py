@@ -256,7 +256,8 @@ def test_int4_cuda_kernel_equals_plain_path(groupsize, K):
     ref = x.float() @ quantize.dequantize_int4(packed, sz, groupsize).t()  # (3, 7, N), fp32
     layer = quantize.Int4Linear(K, 136, groupsize)
     layer.load_state_dict({"weight": packed.cuda(), "scales_and_zeros": sz.cuda()}, assign=True)
-    assert layer.weight.dim() == 4  # repacked for the kernel at load
+    quantize.pack_for_cuda(layer)  # as checkpoint.load_model does last
+    assert layer.weight.dim() == 4  # repacked for the kernel
     out = layer(x.cuda())
     assert out.shape == (3, 7, 136) and out.dtype == torch.bfloat16
     assert rel_err(out.cpu(), ref) < 1e-2
