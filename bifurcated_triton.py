@@ -5,7 +5,7 @@
 #      shared context (a real matrix product on tensor cores). The context is split across thread
 #      blocks (split-K) so that every SM streams a part of it; each returns its partial output,
 #      normalized, and its log-sum-exp.
-#   2. decode + merge: for sample i and KV head j, its g query rows against its own filled decode
+#   2. decode + merge: for sample i and query head h, its query against its own filled decode
 #      slots only, then an exact LSE merge of that part with the context splits, in fp32.
 # Dimension letters: n samples, M context length, T decode capacity, H query heads, Hkv KV heads,
 # g = H / Hkv, D head dim, R = n g query rows per KV head, P context splits.
@@ -56,46 +56,46 @@ def _context_kernel(Q, K, V, O_part, L_part, R, G, M, QK_SCALE: tl.constexpr, HK
 
 @triton.jit
 def _decode_merge_kernel(Q, KD, VD, O_part, L_part, Out, Slot, R, G, QK_SCALE: tl.constexpr, HKV: tl.constexpr,
-                         D: tl.constexpr, T: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_T: tl.constexpr):
-    i, j = tl.program_id(0), tl.program_id(1)
-    h = tl.arange(0, BLOCK_G)  # query heads j G + h of sample i (padded up to the dot's minimum)
-    hmask = h < G
+                         D: tl.constexpr, T: tl.constexpr, P: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_P: tl.constexpr):
+    i, h = tl.program_id(0), tl.program_id(1)  # sample i, query head h (of KV head h // G)
+    j = h // G
     d = tl.arange(0, D)
-    q_off = (i * HKV + j) * G * D + h * D
-    q = tl.load(Q + q_off[:, None] + d[None, :], mask=hmask[:, None], other=0.0)  # (BLOCK_G, D)
+    q = tl.load(Q + (i * HKV * G + h) * D + d).to(tl.float32)  # (D,)
     filled = tl.load(Slot) + 1  # slots 0 .. slot hold this sample's decoded keys
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
-    kv = (i * HKV + j).to(tl.int64) * T * D
-    for t0 in range(0, T, BLOCK_T):  # blocks past the filled slots are fully masked: no loads
+    m_i = tl.full([], float("-inf"), tl.float32)
+    l_i = tl.zeros([], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    kv = (i * HKV + j).to(tl.int64) * T * D  # the G query heads of a KV head read it from L2 after the first
+    for t0 in range(0, T, BLOCK_T):  # masked loads past the filled slots read no memory
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < filled
         k = tl.load(KD + kv + t[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)  # (BLOCK_T, D)
         v = tl.load(VD + kv + t[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * QK_SCALE  # (BLOCK_G, BLOCK_T)
-        s = tl.where(tmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None])
+        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * QK_SCALE  # (BLOCK_T,), log2 units
+        s = tl.where(tmask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: slot 0 is always filled
+        p = tl.math.exp2(s - m_new)
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         m_i = m_new
-    # merge the context splits: each is a normalized output o_s with log2-sum-exp lse_s,
-    # i.e. an unnormalized sum 2^lse_s o_s; fold them into (m_i, l_i, acc) exactly
-    rows = i * G + h
-    for split in range(0, P):
-        part = (split * HKV + j) * R + rows
-        lse = tl.load(L_part + part, mask=hmask, other=0.0)
-        o = tl.load(O_part + part[:, None] * D + d[None, :], mask=hmask[:, None], other=0.0)
-        m_new = tl.maximum(m_i, lse)
+    # merge the context splits: each is a normalized output o_s with log2-sum-exp lse_s, i.e. an
+    # unnormalized sum 2^lse_s o_s; fold them into (m_i, l_i, acc) exactly, BLOCK_P at a time
+    row = i * G + h % G  # this head's query row of KV head j
+    for s0 in range(0, P, BLOCK_P):
+        sp = s0 + tl.arange(0, BLOCK_P)
+        pmask = sp < P
+        part = (sp * HKV + j) * R + row  # (BLOCK_P,) into (P, Hkv, R)
+        lse = tl.load(L_part + part, mask=pmask, other=float("-inf"))  # (BLOCK_P,)
+        o = tl.load(O_part + part[:, None] * D + d[None, :], mask=pmask[:, None], other=0.0)  # (BLOCK_P, D)
+        m_new = tl.maximum(m_i, tl.max(lse, axis=0))
         alpha = tl.math.exp2(m_i - m_new)
-        w = tl.math.exp2(lse - m_new)
-        l_i = l_i * alpha + w
-        acc = acc * alpha[:, None] + o * w[:, None]
+        w = tl.math.exp2(lse - m_new)  # (BLOCK_P,)
+        l_i = l_i * alpha + tl.sum(w, axis=0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
         m_i = m_new
-    tl.store(Out + q_off[:, None] + d[None, :], (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=hmask[:, None])
+    tl.store(Out + (i * HKV * G + h) * D + d, (acc / l_i).to(Out.dtype.element_ty))
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,8 @@ def context_plan(R: int, M: int, n_kv_heads: int, n_sm: int, tiles: Tiles = Tile
     Returns (BLOCK_R, P, chunk): P splits of chunk keys each (whole key blocks)."""
     block_r = min(tiles.max_rows, max(16, triton.next_power_of_2(R)))
     row_blocks = triton.cdiv(R, block_r)
-    splits = max(1, min(triton.cdiv(tiles.waves * n_sm, n_kv_heads * row_blocks), triton.cdiv(M, tiles.block_n)))
+    # rounded down: a last, partial wave of blocks would take as long as a whole one
+    splits = max(1, min(tiles.waves * n_sm // (n_kv_heads * row_blocks), triton.cdiv(M, tiles.block_n)))
     chunk = triton.cdiv(triton.cdiv(M, splits), tiles.block_n) * tiles.block_n
     return block_r, triton.cdiv(M, chunk), chunk
 
@@ -122,23 +123,40 @@ def context_plan(R: int, M: int, n_kv_heads: int, n_sm: int, tiles: Tiles = Tile
 def run_decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor,
                          tiles: Tiles = Tiles()) -> Tensor:
     q = q.contiguous()  # a transposed (n, 1, H, D): free, since S = 1
-    n, H, _, D = q.shape  # q (n, H, 1, D); k_ctx, v_ctx (Hkv, M, D); k_dec, v_dec (n, Hkv, T, D); slot (1,)
+    o_part, l_part = context_partials(q, k_ctx, v_ctx, tiles)
+    return decode_merge(q, k_dec, v_dec, o_part, l_part, slot)
+
+
+# softmax in base 2 (exp2 is the hardware's instruction); a constexpr, so it stays fp32 under Inductor
+def qk_scale(D: int) -> float:
+    return LOG2E / math.sqrt(D)
+
+
+def context_partials(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, tiles: Tiles = Tiles()) -> tuple[Tensor, Tensor]:
+    """Launch 1: each context split's normalized output and log2-sum-exp, (P, Hkv, R, D) and (P, Hkv, R)."""
+    n, H, _, D = q.shape  # q (n, H, 1, D) contiguous; k_ctx, v_ctx (Hkv, M, D)
     Hkv, M, _ = k_ctx.shape
-    T, G = k_dec.shape[2], H // Hkv
+    G = H // Hkv
     R = n * G
     n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     block_r, P, chunk = context_plan(R, M, Hkv, n_sm, tiles)
     o_part = torch.empty(P, Hkv, R, D, device=q.device, dtype=torch.float32)  # (P, Hkv, R, D)
     l_part = torch.empty(P, Hkv, R, device=q.device, dtype=torch.float32)  # (P, Hkv, R)
-    out = torch.empty_like(q)  # (n, H, 1, D)
-    # softmax in base 2 (exp2 is the hardware's instruction); a constexpr, so it stays fp32 under Inductor
-    qk_scale = LOG2E / math.sqrt(D)
     torch.library.wrap_triton(_context_kernel)[(triton.cdiv(R, block_r), P, Hkv)](
-        q, k_ctx, v_ctx, o_part, l_part, R, G, M, QK_SCALE=qk_scale, HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r,
+        q, k_ctx, v_ctx, o_part, l_part, R, G, M, QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r,
         BLOCK_N=tiles.block_n, num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
-    torch.library.wrap_triton(_decode_merge_kernel)[(n, Hkv)](
-        q, k_dec, v_dec, o_part, l_part, out, slot, R, G, QK_SCALE=qk_scale,
-        HKV=Hkv, D=D, T=T, P=P, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_T=32, num_warps=4, num_stages=2)
+    return o_part, l_part
+
+
+def decode_merge(q: Tensor, k_dec: Tensor, v_dec: Tensor, o_part: Tensor, l_part: Tensor, slot: Tensor) -> Tensor:
+    """Launch 2: each sample's own decode slots, merged with the context splits; (n, H, 1, D)."""
+    n, H, _, D = q.shape  # q (n, H, 1, D) contiguous; k_dec, v_dec (n, Hkv, T, D); slot (1,)
+    _, Hkv, T, _ = k_dec.shape
+    P, G = o_part.size(0), H // Hkv
+    out = torch.empty_like(q)  # (n, H, 1, D)
+    torch.library.wrap_triton(_decode_merge_kernel)[(n, H)](
+        q, k_dec, v_dec, o_part, l_part, out, slot, n * G, G, QK_SCALE=qk_scale(D), HKV=Hkv, D=D, T=T, P=P,
+        BLOCK_T=64, BLOCK_P=min(64, triton.next_power_of_2(P)), num_warps=4, num_stages=2)
     return out
 
 

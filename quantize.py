@@ -30,6 +30,11 @@ from torch import Tensor
 from checkpoint import CHECKPOINT_FILE, check_state_dict
 from model import ModelArgs, Transformer
 
+try:  # the fused w8a16 Triton kernel for CUDA; CPU-only installs have no Triton
+    from linear_triton import linear as int8_linear
+except ImportError:
+    int8_linear = None
+
 MODES = ("int8", "int4")
 GROUPSIZES = (32, 64, 128, 256)  # the group sizes torch's int4 kernels are built for
 DEFAULT_GROUPSIZE = 128
@@ -123,7 +128,9 @@ class Int8Linear(nn.Module):
         self.weight = self.weight[:, start:stop].contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
-        # the per-channel scale commutes with the matmul; compiled, the int8 -> float cast fuses into it
+        if int8_linear is not None and x.is_cuda:  # one Triton kernel: 1 byte read per weight
+            return int8_linear(x, self.weight, self.scales)
+        # the per-channel scale commutes with the matmul
         return F.linear(x, self.weight.to(x.dtype)) * self.scales
 
 
@@ -178,6 +185,17 @@ def swap_linears(model: Transformer, mode: str, groupsize: Optional[int] = None)
                    else Int4Linear(linear.in_features, linear.out_features, groupsize))
             setattr(model.layers.get_submodule(parent), child, new)
     return model
+
+
+def quantize_model(model: Transformer, mode: str, groupsize: Optional[int] = None) -> Transformer:
+    """A loaded plain model -> a quantized copy on the same device (scripts/benchmark.py on random weights)."""
+    state = quantize_state_dict(model, mode, groupsize)
+    dtype = model.output.weight.dtype
+    with torch.device("meta"):
+        quantized = swap_linears(Transformer(model.config), mode, groupsize)
+    quantized.load_state_dict({k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}, assign=True)
+    pack_for_cuda(quantized)
+    return quantized.eval()
 
 
 def is_quantized(name: str, t: Tensor) -> bool:

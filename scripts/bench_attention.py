@@ -19,15 +19,16 @@ import torch
 import triton.testing
 
 from bifurcated import bifurcated_attention
-from bifurcated_triton import Tiles, context_plan, run_decode_attention
+from bifurcated_triton import Tiles, context_partials, context_plan, decode_merge, run_decode_attention
 
 T, SLOT = 128, 63  # decode capacity, and a step half-way through it: 64 filled slots
-SWEEP = [Tiles(block_n=b, waves=w, stages=s) for b, w, s in itertools.product((32, 64, 128), (1, 2, 4), (2, 3, 4))]
+SWEEP = [Tiles(max_rows=r, block_n=b, waves=w, stages=s)
+         for r, b, w, s in itertools.product((64, 128), (32, 64, 128), (1, 2, 4), (3, 4))]
 
 
 def read_bandwidth() -> float:
     x = torch.randn(1 << 31, device="cuda", dtype=torch.bfloat16)  # 4 GiB
-    return x.numel() * 2 / (triton.testing.do_bench(x.sum, return_mode="min") * 1e-3)
+    return x.numel() * 2 / (triton.testing.do_bench_cudagraph(x.sum, return_mode="min") * 1e-3)
 
 
 def inputs(n: int, H: int, Hkv: int, M: int, D: int, copies: int) -> list[tuple]:
@@ -40,8 +41,11 @@ def inputs(n: int, H: int, Hkv: int, M: int, D: int, copies: int) -> list[tuple]
 
 
 def time_us(fn, sets: list[tuple]) -> float:
-    it = itertools.cycle(sets)
-    return 1e3 * triton.testing.do_bench(lambda: fn(*next(it)), warmup=25, rep=200, return_mode="median")
+    # replayed as a CUDA graph, as in a decode step: the time of the kernels, not of their launch
+    def all_sets():
+        for s in sets:
+            fn(*s)
+    return 1e3 * triton.testing.do_bench_cudagraph(all_sets, rep=100, return_mode="median") / len(sets)
 
 
 def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], samples: list[int], sweep: bool,
@@ -74,6 +78,12 @@ def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], sa
             rows.append(row)
             print(f"| {Hkv} | {M} | {n} | {name} | {plan or ''} {tiles or ''} | {us:.1f} | {row['gbps']:.0f} "
                   f"| {row['pct_of_bandwidth']:.0f}% |", flush=True)
+            if tiles == Tiles():  # where its time goes: the two launches alone
+                parts = [context_partials(s[0], s[1], s[2]) for s in sets]
+                row["context_us"] = time_us(context_partials, [s[:3] for s in sets])
+                row["merge_us"] = time_us(decode_merge, [(s[0], s[3], s[4], *p, s[5]) for s, p in zip(sets, parts)])
+                print(f"| | | | context launch | | {row['context_us']:.1f} | | |\n"
+                      f"| | | | decode + merge launch | | {row['merge_us']:.1f} | | |", flush=True)
         del sets
     if output:
         Path(output).write_text(json.dumps(dict(command=" ".join(["python"] + sys.argv), torch=torch.__version__,
@@ -88,7 +98,7 @@ if __name__ == "__main__":
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--samples", type=int, nargs="+", default=[1, 8, 32, 64, 256, 512])
-    p.add_argument("--sweep", action="store_true", help="also time 27 other tile choices")
+    p.add_argument("--sweep", action="store_true", help="also time 36 other tile choices")
     p.add_argument("--output", help="write every number to this JSON file")
     args = p.parse_args()
     if not torch.cuda.is_available():

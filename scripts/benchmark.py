@@ -10,6 +10,7 @@ import argparse
 import datetime
 import functools
 import gc
+import itertools
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import generate` as a script
 
@@ -26,9 +28,11 @@ import torch
 import torch.nn as nn
 
 import generate
+import quantize
 import tp
 from model import ModelArgs
 
+QUANT_GROUPSIZE = {"int4": 128}
 E2E_PROMPT, E2E_NEW_TOKENS = 1024, 256  # PERF.md target: n = 1, 1K prompt, 256 new tokens, prefill included
 # The rate measurements: a read pass far larger than any cache, a matmul large enough to reach the
 # peak rate. Smaller on CPU, where the same code path only has to run, not to be a reference.
@@ -72,15 +76,22 @@ def linear_params(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
+def weight_bytes(model: nn.Module) -> int:
+    # what a step reads of the weights, quantized or not (scales included): all but the embedding
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) - model.tok_embeddings.weight.nbytes
+
+
 def step_cost(config: ModelArgs, params_linear: int, attention: str, n: int, M: int, T: int,
-              bytes_per_elem: int) -> tuple[float, float]:
+              bytes_per_elem: int, weights_read: Optional[int] = None) -> tuple[float, float]:
     """(bytes, flops) one decode step must at least read and compute, its attended decode tokens
-    averaged over the T new ones (T / 2 per sample)."""
+    averaged over the T new ones (T / 2 per sample). weights_read: the weights' bytes when they are
+    not params_linear elements of bytes_per_elem each (quantized)."""
     L, H, Hkv, D = config.n_layer, config.n_head, config.n_kv_heads, config.head_dim
     kv_per_token = 2 * L * Hkv * D * bytes_per_elem  # K and V of one token in every layer
     context = kv_per_token * M * (n if attention == "standard" else 1)  # standard reads each row's copy
     decode = kv_per_token * n * T / 2
-    nbytes = params_linear * bytes_per_elem + context + decode
+    nbytes = (params_linear * bytes_per_elem if weights_read is None else weights_read) + context + decode
     flops = 2 * params_linear * n + 4 * L * H * D * n * (M + T / 2)  # q.k and p.v over M + T/2 keys
     return nbytes, flops
 
@@ -98,10 +109,11 @@ def release(device: torch.device, compiled: bool):
 
 
 def measure(model, name: str, attention: str, n: int, M: int, T: int, compile: bool, repeats: int,
-            rates: tuple[float, float]) -> dict:
+            rates: tuple[float, float], weights: str = "bf16", size: tuple[int, Optional[int]] = None) -> dict:
+    # size: (linear parameters, bytes of the weights read per step, None: bf16), from the loaded model
     device, dtype = model.output.weight.device, model.output.weight.dtype
     plan = generate.plan_memory(model.config, attention, n, M, T, dtype)
-    row = dict(kind="decode", model=name, context=M, n=n, attention=attention, max_new_tokens=T,
+    row = dict(kind="decode", model=name, context=M, n=n, attention=attention, weights=weights, max_new_tokens=T,
                predicted_gb=plan["total"] / 1e9, oom=False)
     prompt = generate.read_prompt(None, None, M, model.config.vocab_size)  # generate.py's --prompt_len prompt
     runs = []
@@ -119,7 +131,8 @@ def measure(model, name: str, attention: str, n: int, M: int, T: int, compile: b
     if row["oom"]:
         return row
     ms = statistics.median(r["decode_ms_per_step"] for r in runs)
-    nbytes, flops = step_cost(model.config, linear_params(model), attention, n, M, T, dtype.itemsize)
+    params, weights_read = size or (linear_params(model), None)
+    nbytes, flops = step_cost(model.config, params, attention, n, M, T, dtype.itemsize, weights_read)
     read_ms, matmul_ms = 1e3 * nbytes / rates[0], 1e3 * flops / rates[1]
     floor_ms = max(read_ms, matmul_ms)
     row.update(ms_per_step=ms, ms_per_step_runs=[r["decode_ms_per_step"] for r in runs],
@@ -133,7 +146,7 @@ def measure(model, name: str, attention: str, n: int, M: int, T: int, compile: b
     return row
 
 
-def measure_e2e(model, name: str, compile: bool, repeats: int) -> dict:
+def measure_e2e(model, name: str, compile: bool, repeats: int, weights: str = "bf16") -> dict:
     prompt = generate.read_prompt(None, None, E2E_PROMPT, model.config.vocab_size)
     kwargs = dict(num_samples=1, max_new_tokens=E2E_NEW_TOKENS, temperature=0.8, eos_ids=(), compile=compile, seed=0)
     generate.generate(model, prompt, **kwargs)  # warm-up: compilation and the first CUDA-graph recording
@@ -144,7 +157,8 @@ def measure_e2e(model, name: str, compile: bool, repeats: int) -> dict:
         totals.append(time.perf_counter() - t0)
     release(model.output.weight.device, compile)
     total = statistics.median(totals)
-    return dict(kind="e2e", model=name, context=E2E_PROMPT, n=1, attention="bifurcated", max_new_tokens=E2E_NEW_TOKENS,
+    return dict(kind="e2e", model=name, context=E2E_PROMPT, n=1, attention="bifurcated", weights=weights,
+                max_new_tokens=E2E_NEW_TOKENS,
                 total_s=total, total_s_runs=totals, tokens_per_s=E2E_NEW_TOKENS / total,
                 prefill_ms=stats["prefill_ms"], ms_per_step=stats["decode_ms_per_step"],
                 peak_memory_gb=stats["peak_memory_gb"])
@@ -161,18 +175,18 @@ def md_row(*cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-DECODE_COLUMNS = ("model", "context", "n", "attention", "ms/step", "floor ms", "% of floor", "GB/s", "peak GB",
+DECODE_COLUMNS = ("model", "context", "n", "attention", "weights", "ms/step", "floor ms", "% of floor", "GB/s", "peak GB",
                   "prefill ms", "compile s")
-E2E_COLUMNS = ("model", "prompt", "new tokens", "tokens/s", "total s", "prefill ms", "ms/step")
+E2E_COLUMNS = ("model", "weights", "prompt", "new tokens", "tokens/s", "total s", "prefill ms", "ms/step")
 DECODE_HEADER = [md_row(*DECODE_COLUMNS), md_row(*["---"] * len(DECODE_COLUMNS))]
 E2E_HEADER = [md_row(*E2E_COLUMNS), md_row(*["---"] * len(E2E_COLUMNS))]
 
 
 def table_row(r: dict) -> str:
     if r["kind"] == "e2e":
-        return md_row(r["model"], r["context"], r["max_new_tokens"], f"{r['tokens_per_s']:.1f}",
+        return md_row(r["model"], r["weights"], r["context"], r["max_new_tokens"], f"{r['tokens_per_s']:.1f}",
                       f"{r['total_s']:.2f}", f"{r['prefill_ms']:.1f}", f"{r['ms_per_step']:.2f}")
-    head = (r["model"], r["context"], r["n"], r["attention"])
+    head = (r["model"], r["context"], r["n"], r["attention"], r["weights"])
     if r["oom"]:
         return md_row(*head, f"OOM (predicted {r['predicted_gb']:.1f} GB)", *[""] * 6)
     return md_row(*head, f"{r['ms_per_step']:.2f}", f"{r['floor_ms']:.2f}", f"{r['pct_of_floor']:.0f}%",
@@ -214,17 +228,18 @@ def plot(path: Path, result: dict) -> bool:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    lines = {}  # (model, context, attention) -> [(n, ms/step)]
+    lines = {}  # (model, context, attention, weights) -> [(n, ms/step)]
     for r in result["rows"]:
         if r["kind"] == "decode" and not r["oom"]:
-            lines.setdefault((r["model"], r["context"], r["attention"]), []).append((r["n"], r["ms_per_step"]))
+            key = (r["model"], r["context"], r["attention"], r.get("weights", "bf16"))
+            lines.setdefault(key, []).append((r["n"], r["ms_per_step"]))
     colors = {}  # one colour per (model, context): its bifurcated and standard lines side by side
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for (name, M, attention), points in sorted(lines.items()):
-        color = colors.setdefault((name, M), f"C{len(colors) % 10}")
+    for (name, M, attention, weights), points in sorted(lines.items()):
+        color = colors.setdefault((name, M, weights), f"C{len(colors) % 10}")
         ns, ms = zip(*sorted(points))
         ax.plot(ns, ms, marker="o", color=color, linestyle="--" if attention == "standard" else "-",
-                label=f"{name}, {M} context, {attention}")
+                label=f"{name}{'' if weights == 'bf16' else ' ' + weights}, {M} context, {attention}")
     ax.set(xscale="log", yscale="log", xlabel="samples n", ylabel="ms per decode step",
            title=f"{result['gpu']}, {result['dtype']}, {result['max_new_tokens']} new tokens")
     ax.set_xticks(sorted({n for points in lines.values() for n, _ in points}))
@@ -242,7 +257,8 @@ def plot(path: Path, result: dict) -> bool:
 # ---------------------------------------------------------------------------------------------
 # CLI
 def main(models: list[str], contexts: list[int], samples: list[int], attention: list[str], max_new_tokens: int,
-         repeats: int, out_dir: str, tag: str, device: str, dtype: str, compile: bool, e2e: bool):
+         repeats: int, out_dir: str, tag: str, device: str, dtype: str, compile: bool, e2e: bool,
+         weights: Sequence[str] = ("bf16",)):
     for name in models:
         ModelArgs.from_name(name)  # an unknown name fails here, before an hour of measuring
     for n in samples:
@@ -274,7 +290,7 @@ def main(models: list[str], contexts: list[int], samples: list[int], attention: 
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   read_bandwidth_gbps=read_bw / 1e9, matmul_tflops=matmul_rate / 1e12,
                   rate_sizes=RATE_SIZES[dev.type], rows=[])
-    total, done = len(models) * len(contexts) * len(samples) * len(attention), 0
+    total, done = len(models) * len(weights) * len(contexts) * len(samples) * len(attention), 0
 
     def record(row: dict, prefix: str):
         if rank:
@@ -284,18 +300,23 @@ def main(models: list[str], contexts: list[int], samples: list[int], attention: 
         write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
         write_atomic(stem.with_suffix(".md"), markdown(result))
 
-    for name in models:
+    for name, kind in itertools.product(models, weights):
         shard = functools.partial(tp.apply_tp, rank=rank, world=world) if world > 1 else None
         model, _ = generate.load_model("synthetic:" + name, dev, torch_dtype, shard)
+        size = (linear_params(model), None)
+        if kind != "bf16":  # the same random weights, quantized as quantize.py does a checkpoint
+            model = quantize.quantize_model(model, kind, QUANT_GROUPSIZE.get(kind))
+            size = (size[0], weight_bytes(model))
         if e2e:
             say("\n".join(E2E_HEADER))
-            record(measure_e2e(model, name, compile, repeats), "[e2e]")
+            record(measure_e2e(model, name, compile, repeats, kind), "[e2e]")
         say("\n".join(DECODE_HEADER))
         for M in contexts:
             for n in samples:
                 for mode in attention:
                     done += 1
-                    row = measure(model, name, mode, n, M, max_new_tokens, compile, repeats, (read_bw, matmul_rate))
+                    row = measure(model, name, mode, n, M, max_new_tokens, compile, repeats, (read_bw, matmul_rate),
+                                  kind, size)
                     record(row, f"[{done}/{total}]")
         del model
         release(dev, compiled=False)
@@ -314,6 +335,8 @@ if __name__ == "__main__":
     p.add_argument("--contexts", nargs="+", type=int, default=[8192, 16384, 32768], help="prompt lengths M")
     p.add_argument("--samples", nargs="+", type=int, default=[1, 8, 32, 64, 256, 512], help="numbers of samples n")
     p.add_argument("--attention", nargs="+", default=["bifurcated", "standard"])
+    p.add_argument("--weights", nargs="+", default=["bf16"], choices=["bf16", "int8", "int4"],
+                   help="bf16, or the same weights quantized (int8; int4 in groups of 128)")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median is reported")
     p.add_argument("--out_dir", default="bench/results", help="results go to OUT_DIR/<gpu>/<tag>.{json,md,png}")

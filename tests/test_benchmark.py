@@ -15,7 +15,7 @@ import benchmark  # noqa: E402
 
 SWEEP = dict(models=["tiny-gqa"], contexts=[64, 100], samples=[1, 3], attention=["bifurcated", "standard"],
              max_new_tokens=8, repeats=1, tag="sweep", device="cpu", dtype="float32", compile=None, e2e=None)
-DECODE_KEYS = {"kind", "model", "context", "n", "attention", "max_new_tokens", "predicted_gb", "oom", "ms_per_step",
+DECODE_KEYS = {"kind", "model", "context", "n", "attention", "weights", "max_new_tokens", "predicted_gb", "oom", "ms_per_step",
                "ms_per_step_runs", "prefill_ms", "peak_memory_gb", "compile_s", "compile_s_runs", "bytes_per_step_gb",
                "tflop_per_step", "floor_ms", "bound", "pct_of_floor", "achieved_gbps"}
 PLAN_BYTES = 3e9  # what the stub plan_memory predicts for every configuration
@@ -75,6 +75,17 @@ def test_e2e_row(tmp_path, plan_calls, monkeypatch):
     assert len(result["rows"]) == 2 and "End to end" in table
 
 
+def test_quantized_rows_read_fewer_bytes(tmp_path, plan_calls):
+    benchmark.main(out_dir=str(tmp_path), **dict(SWEEP, contexts=[64], samples=[3], attention=["bifurcated"],
+                                                 weights=["bf16", "int8"]))
+    result, table = read_results(tmp_path)
+    bf16, int8 = result["rows"]
+    assert (bf16["weights"], int8["weights"]) == ("bf16", "int8") and int8["ms_per_step"] > 0
+    # fp32 on CPU: the int8 blocks read 1 byte per weight (+ scales) instead of 4
+    assert int8["bytes_per_step_gb"] < 0.5 * bf16["bytes_per_step_gb"]
+    assert "| tiny-gqa | 64 | 3 | bifurcated | int8 |" in table
+
+
 def test_step_cost_by_hand():
     # tiny-gqa: L=2, H=4, Hkv=2, D=16; fp32; n=3, M=100, T=8
     config = ModelArgs.from_name("tiny-gqa")
@@ -106,7 +117,7 @@ def test_does_not_fit_is_recorded_and_the_sweep_goes_on(tmp_path, plan_calls, mo
     rows = {(r["context"], r["n"], r["attention"]): r for r in result["rows"]}
     assert len(rows) == 8
     assert rows[64, 3, "standard"] == dict(kind="decode", model="tiny-gqa", context=64, n=3, attention="standard",
-                                           max_new_tokens=8, predicted_gb=3.0, oom=True)
+                                           weights="bf16", max_new_tokens=8, predicted_gb=3.0, oom=True)
     assert rows[100, 1, "standard"]["oom"] and rows[100, 1, "standard"]["crashed"]
     assert [k for k, r in rows.items() if r["oom"]] == [(64, 3, "standard"), (100, 1, "standard"), (100, 3, "standard")]
     assert all(r["ms_per_step"] > 0 for r in rows.values() if not r["oom"])

@@ -153,3 +153,17 @@ def test_too_long_and_empty_prompts_raise():
         generate(model, prompt_ids(500), max_new_tokens=13)
     with pytest.raises(ValueError, match="empty"):
         generate(model, [], max_new_tokens=4)
+
+
+def test_same_sizes_reuse_caches_and_step():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny-mha")).eval()
+    prompt = torch.randint(0, 512, (20,)).tolist()
+    first = generate(model, prompt, num_samples=3, max_new_tokens=6, seed=1)
+    caches, step = model.last_run[1:]
+    again = generate(model, prompt, num_samples=3, max_new_tokens=6, seed=1)
+    assert model.last_run[1] is caches and model.last_run[2] is step and again.tokens == first.tokens
+    other = generate(model, prompt, num_samples=4, max_new_tokens=6, seed=1)  # new sizes: new caches
+    assert model.last_run[1] is not caches and len(other.tokens) == 4
+    model.setup(26)  # caches dropped by hand: the next run makes new ones
+    assert generate(model, prompt, num_samples=4, max_new_tokens=6, seed=1).tokens == other.tokens

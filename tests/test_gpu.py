@@ -62,3 +62,22 @@ def test_compiled_step_matches_eager():
     runs = [generate(model, prompt, num_samples=4, max_new_tokens=24, temperature=0.0, compile=c).tokens
             for c in (False, True)]
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("M", [1, 7, 32, 64, 65])  # 65: above the kernel's rows, cuBLAS takes it
+@pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 11008), (136, 80)])
+def test_linear_kernel(kind, M, N, K):
+    linear = pytest.importorskip("linear_triton").linear
+    g = torch.Generator("cuda").manual_seed(M * N + K)
+    x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)  # (M, K)
+    if kind == "bf16":
+        w, s = (torch.randn(N, K, generator=g, device="cuda") * 0.02).to(torch.bfloat16), None  # (N, K)
+        ref = x.double() @ w.double().t()
+    else:
+        w = torch.randint(-127, 128, (N, K), generator=g, device="cuda", dtype=torch.int8)  # (N, K)
+        s = (torch.rand(N, generator=g, device="cuda") * 1e-3).to(torch.bfloat16)  # (N,)
+        ref = (x.double() @ w.double().t()) * s.double()
+    out = linear(x[None], w, s)  # leading dims kept
+    assert out.shape == (1, M, N) and out.dtype == torch.bfloat16
+    assert rel_err(out[0], ref) < 1e-2

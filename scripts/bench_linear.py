@@ -1,0 +1,112 @@
+# One decode-step linear layer alone, on a GPU: cuBLAS (bf16), the Triton kernel of linear_triton.py
+# with bf16 and int8 (w8a16) weights (its default tiles, and others with --sweep), and the plain int8
+# path (cast to bf16, cuBLAS, scale), each against the weight bytes it must read over the read
+# bandwidth measured in the same run. Each variant is checked against cuBLAS (bf16) or the plain
+# int8 path before it is timed. Times are CUDA-graph replays (no launch overhead) rotating over
+# enough weight copies (> 200 MB) that no weight is served from L2, as in a real step.
+#
+#   python scripts/bench_linear.py                                   # Llama-2-7B's decode shapes
+#   python scripts/bench_linear.py --shapes wo w2 --samples 1 32 --sweep --output linear.json
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import linear_triton` as a script
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+from linear_triton import Tiles, run_linear
+
+SHAPES = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w1": (11008, 4096), "w2": (4096, 11008), "w13": (22016, 4096)}
+SWEEP = [t for t in (Tiles(block_n=n, waves=w, stages=s) for n, w, s in itertools.product((32, 64, 128), (1, 2, 4), (3, 4)))
+         if t != Tiles()] + [Tiles(block_k=64), Tiles(block_k=512), Tiles(warps=8), Tiles(block_n=128, warps=8),
+                             Tiles(swap_ab=False), Tiles(block_n=128, swap_ab=False)]
+
+
+def read_bandwidth() -> float:
+    x = torch.randn(1 << 31, device="cuda", dtype=torch.bfloat16)  # 4 GiB
+    return x.numel() * 2 / (triton.testing.do_bench_cudagraph(x.sum, return_mode="median") * 1e-3)
+
+
+def time_us(fn, sets: list[tuple]) -> float:
+    it = itertools.cycle(sets)  # the graph holds many calls, each on the next copy
+    return 1e3 * triton.testing.do_bench_cudagraph(lambda: fn(*next(it)), return_mode="median")
+
+
+def cublas(x, w, s):
+    return F.linear(x, w)
+
+
+def plain_int8(x, w, s):  # quantize.Int8Linear's eager path
+    return F.linear(x, w.to(x.dtype)) * s
+
+
+def main(shapes: list[str], samples: list[int], sweep: bool, output: str | None):
+    bw = read_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: read {bw / 1e9:.0f} GB/s")
+    print("| layer | N | K | M | path | tiles | us | GB/s | % of read bandwidth |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name in shapes:
+        N, K = SHAPES[name]
+        copies = max(2, (200 << 20) // (N * K) + 1)  # > 200 MB of int8 weights (twice that in bf16)
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]  # (N, K)
+        qs = [torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8) for _ in range(copies)]  # (N, K)
+        ss = [(torch.rand(N, device="cuda") * 1e-3).to(torch.bfloat16) for _ in range(copies)]  # (N,)
+        for M in samples:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)  # (M, K)
+            kinds = {"bf16": ([(x, w, None) for w in ws], 2 * N * K), "int8": (list(zip([x] * copies, qs, ss)), N * K)}
+            expected = {"bf16": cublas(*kinds["bf16"][0][0]).float(), "int8": plain_int8(*kinds["int8"][0][0]).float()}
+            tiles = [Tiles()] + (SWEEP if sweep else [])
+            paths = ([("cublas", "bf16", cublas, None), ("plain int8", "int8", plain_int8, None)]
+                     + [(f"triton {kind}", kind, lambda *a, t=t: run_linear(*a, tiles=t), t)
+                        for kind in ("bf16", "int8") for t in tiles])
+            for path, kind, fn, t in paths:
+                sets, nbytes = kinds[kind]
+                try:
+                    err = ((fn(*sets[0]).float() - expected[kind]).norm() / expected[kind].norm()).item()
+                except triton.runtime.errors.OutOfResources as e:  # tiles too large for this GPU
+                    print(f"| {name} | {N} | {K} | {M} | {path} | {t} | does not fit: {e} | | |")
+                    continue
+                if err > 1e-2:  # a fast wrong variant is no candidate
+                    print(f"| {name} | {N} | {K} | {M} | {path} | {t or ''} | wrong: relative error {err:.3g} | | |")
+                    continue
+                us = time_us(fn, sets)
+                row = dict(layer=name, N=N, K=K, M=M, path=path, tiles=dataclasses.asdict(t) if t else None, us=us,
+                           gbps=nbytes / us / 1e3, pct_of_bandwidth=100 * nbytes / (us * 1e-6) / bw)
+                rows.append(row)
+                print(f"| {name} | {N} | {K} | {M} | {path} | {t or ''} | {us:.1f} | {row['gbps']:.0f} "
+                      f"| {row['pct_of_bandwidth']:.0f}% |", flush=True)
+        del ws, qs, ss
+    if sweep:  # the fastest tiles of each kernel, beside the baselines
+        print("\nbest tiles:\n\n| layer | M | path | tiles | us | % of read bandwidth | cuBLAS us | plain int8 us |")
+        print("|---|---|---|---|---|---|---|---|")
+        us = {(r["layer"], r["M"], r["path"]): r["us"] for r in rows if r["tiles"] is None}
+        for (name, M, path), group in itertools.groupby(rows, key=lambda r: (r["layer"], r["M"], r["path"])):
+            if path.startswith("triton"):
+                best = min(group, key=lambda r: r["us"])
+                print(f"| {name} | {M} | {path} | {Tiles(**best['tiles'])} | {best['us']:.1f} | "
+                      f"{best['pct_of_bandwidth']:.0f}% | {us[name, M, 'cublas']:.1f} | {us[name, M, 'plain int8']:.1f} |")
+    if output:
+        Path(output).write_text(json.dumps(dict(command=" ".join(["python"] + sys.argv), torch=torch.__version__,
+                                                gpu=torch.cuda.get_device_name(), read_gbps=bw / 1e9, rows=rows),
+                                           indent=1))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Time one decode-step linear layer on a GPU.")
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    p.add_argument("--samples", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--sweep", action="store_true", help=f"also time {len(SWEEP)} other tile choices")
+    p.add_argument("--output", help="write every number to this JSON file")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("error: needs a CUDA GPU", file=sys.stderr)
+        sys.exit(1)
+    main(**vars(args))
