@@ -6,6 +6,7 @@
 #   python scripts/benchmark.py                      # the PERF.md sweep on this machine's GPU
 #   python scripts/benchmark.py --models Mistral-7B --contexts 8192 --samples 1 32 --tag mistral
 #   torchrun --standalone --nproc_per_node=2 scripts/benchmark.py --tag sweep   # tensor parallel: sweep-tp2
+#   python scripts/benchmark.py --merge a.json b.json --tag all          # one table + plot from earlier runs
 import argparse
 import datetime
 import functools
@@ -194,12 +195,20 @@ def table_row(r: dict) -> str:
                   f"{r['compile_s']:.1f}")
 
 
+def setting(result: dict) -> str:
+    return (f"torch {result['torch']}, {result['date']}, {result['dtype']}, "
+            f"{'compiled' if result['compile'] else 'eager'}, {result['max_new_tokens']} new tokens, median of "
+            f"{result['repeats']} runs. Measured in this run: read bandwidth "
+            f"{result['read_bandwidth_gbps']:.0f} GB/s, matmul {result['matmul_tflops']:.1f} TFLOP/s.")
+
+
 def markdown(result: dict) -> str:
-    setting = (f"torch {result['torch']}, {result['date']}, {result['dtype']}, "
-               f"{'compiled' if result['compile'] else 'eager'}, {result['max_new_tokens']} new tokens, median of "
-               f"{result['repeats']} runs. Measured in this run: read bandwidth "
-               f"{result['read_bandwidth_gbps']:.0f} GB/s, matmul {result['matmul_tflops']:.1f} TFLOP/s.")
-    lines = [f"# Decode benchmark: {result['gpu']}", "", setting, "", f"`{result['command']}`", "", *DECODE_HEADER,
+    if "sources" in result:  # merged: each run's setting and command
+        head = ["Rows from these runs, each against the rates measured in it:", ""]
+        head += [f"- `{src['command']}`: {setting(src)}" for src in result["sources"]]
+    else:
+        head = [setting(result), "", f"`{result['command']}`"]
+    lines = [f"# Decode benchmark: {result['gpu']}", "", *head, "", *DECODE_HEADER,
              *(table_row(r) for r in result["rows"] if r["kind"] == "decode")]
     e2e = [table_row(r) for r in result["rows"] if r["kind"] == "e2e"]
     if e2e:
@@ -226,7 +235,7 @@ def plot(path: Path, result: dict) -> bool:
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     lines = {}  # (model, context, attention, weights) -> [(n, ms/step)]
     for r in result["rows"]:
@@ -243,6 +252,7 @@ def plot(path: Path, result: dict) -> bool:
     ax.set(xscale="log", yscale="log", xlabel="samples n", ylabel="ms per decode step",
            title=f"{result['gpu']}, {result['dtype']}, {result['max_new_tokens']} new tokens")
     ax.set_xticks(sorted({n for points in lines.values() for n, _ in points}))
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 5, 10, 20, 50 ms: readable on a short axis
     for axis in (ax.xaxis, ax.yaxis):  # 32, not 3.2 x 10^1
         axis.set_major_formatter(ScalarFormatter())
         axis.set_minor_formatter(NullFormatter())
@@ -252,6 +262,24 @@ def plot(path: Path, result: dict) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def merge(files: list[str], out_dir: str, tag: str) -> Path:
+    """One table and one plot from the rows of several runs on one GPU (a sweep too long for one sitting)."""
+    results = [json.loads(Path(f).read_text()) for f in files]
+    gpus = sorted({r["gpu"] for r in results})
+    if len(gpus) != 1:
+        raise ValueError(f"results from more than one GPU: {', '.join(gpus)}")
+    sources = [{k: v for k, v in r.items() if k != "rows"} for r in results]
+    result = dict(gpu=gpus[0], command=shlex.join(["python"] + sys.argv), sources=sources,
+                  dtype=results[0]["dtype"], max_new_tokens=results[0]["max_new_tokens"],
+                  rows=[row for r in results for row in r["rows"]])
+    stem = Path(out_dir) / gpu_slug(gpus[0]) / tag
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+    write_atomic(stem.with_suffix(".md"), markdown(result))
+    print(f"wrote {stem}.json and {stem}.md" + (f" and {stem}.png" if plot(stem.with_suffix(".png"), result) else ""))
+    return stem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,9 +376,14 @@ if __name__ == "__main__":
     p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=None,
                    help=f"also time n=1, {E2E_PROMPT}-token prompt, {E2E_NEW_TOKENS} new tokens end to end, "
                         "prefill included (default: on for cuda)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="measure nothing: one table and plot (OUT_DIR/<gpu>/TAG) from these results of earlier runs")
     args = p.parse_args()
     try:
-        main(**vars(args))
+        if args.merge:
+            merge(args.merge, args.out_dir, args.tag)
+        else:
+            main(**{k: v for k, v in vars(args).items() if k != "merge"})
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -86,6 +86,21 @@ def test_quantized_rows_read_fewer_bytes(tmp_path, plan_calls):
     assert "| tiny-gqa | 64 | 3 | bifurcated | int8 |" in table
 
 
+def test_merge_joins_runs(tmp_path, plan_calls):
+    for tag, M in [("a", 64), ("b", 100)]:
+        benchmark.main(out_dir=str(tmp_path), **dict(SWEEP, contexts=[M], samples=[1], attention=["bifurcated"],
+                                                     tag=tag))
+    runs = [str(tmp_path / "cpu" / f"{tag}.json") for tag in "ab"]
+    benchmark.merge(runs, str(tmp_path), "sweep")
+    result, table = read_results(tmp_path)
+    assert [r["context"] for r in result["rows"]] == [64, 100] and len(result["sources"]) == 2
+    assert "Rows from these runs" in table and table.count("| tiny-gqa |") == 2
+    other = json.loads(Path(runs[1]).read_text())
+    Path(runs[1]).write_text(json.dumps(dict(other, gpu="NVIDIA H200")))
+    with pytest.raises(ValueError, match="more than one GPU"):
+        benchmark.merge(runs, str(tmp_path), "sweep")
+
+
 def test_step_cost_by_hand():
     # tiny-gqa: L=2, H=4, Hkv=2, D=16; fp32; n=3, M=100, T=8
     config = ModelArgs.from_name("tiny-gqa")
