@@ -11,6 +11,8 @@
 #
 # Dimension letters: n samples, M context (prompt) length, T decode capacity (max new tokens),
 # H query heads, Hkv key/value heads, g = H / Hkv query heads per KV head, D head dim.
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,10 +20,15 @@ from torch import Tensor
 
 from model import causal_attention
 
-try:  # the fused Triton kernel for CUDA; CPU-only installs have no Triton and use the reference
-    from bifurcated_triton import decode_attention
+try:  # the fused Triton kernels for CUDA; CPU-only installs have no Triton and use the reference
+    from bifurcated_triton import decode_attention, prefix_decode_attention
 except ImportError:
-    decode_attention = None
+    decode_attention = prefix_decode_attention = None
+
+
+def fast(q: Tensor) -> bool:  # the Triton kernels: CUDA, a head dim the tiles take
+    D = q.size(-1)
+    return decode_attention is not None and q.is_cuda and D >= 16 and D & (D - 1) == 0
 
 
 class BifurcatedCache(nn.Module):
@@ -46,9 +53,7 @@ class BifurcatedCache(nn.Module):
         slot = (input_pos - self.context_len).view(1)  # (1,), a device tensor: no host sync
         self.k_dec.index_copy_(2, slot, k)
         self.v_dec.index_copy_(2, slot, v)
-        D = q.size(-1)
-        fast = decode_attention is not None and q.is_cuda and D >= 16 and D & (D - 1) == 0
-        attend = decode_attention if fast else bifurcated_attention
+        attend = decode_attention if fast(q) else bifurcated_attention
         return attend(q, self.k_ctx, self.v_ctx, self.k_dec, self.v_dec, slot)
 
 
@@ -74,6 +79,46 @@ class StandardCache(nn.Module):
                                               enable_gqa=q.size(1) != k.size(1))
 
 
+class PrefixCache(nn.Module):
+    """Several prompts, n samples each, in three levels: a prefix shared by all prompts (stored and
+    read once), each prompt's own tokens (once per prompt, read up to its length), each sample's
+    decoded tokens. Rows are prompt-major: row p n + i is sample i of prompt p."""
+
+    def __init__(self, n: int, n_kv_heads: int, head_dim: int, prefix_len: int, prompt_lens: list[int],
+                 max_new_tokens: int, dtype: torch.dtype):
+        super().__init__()
+        Np, L, D = len(prompt_lens), max(prompt_lens), head_dim
+        self.prefix_len, self.prompt_lens = prefix_len, prompt_lens
+        self.filling: Optional[int] = None  # prefill: None fills the prefix, p fills prompt p
+        for name, shape in [("pre", (n_kv_heads, prefix_len, D)), ("prm", (Np, n_kv_heads, L, D)),
+                            ("dec", (Np * n, n_kv_heads, max_new_tokens, D))]:
+            self.register_buffer("k_" + name, torch.zeros(shape, dtype=dtype), persistent=False)
+            self.register_buffer("v_" + name, torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("prm_len", torch.tensor(prompt_lens), persistent=False)  # (P,)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+        Mp = self.prefix_len
+        if input_pos.dim() == 1 and self.filling is None:  # the prefix, batch 1, from position 0
+            check_prefill(q, Mp)
+            self.k_pre.copy_(k[0])
+            self.v_pre.copy_(v[0])
+            return causal_attention(q, k, v)
+        if input_pos.dim() == 1:  # prompt p, batch 1, continuing the prefix: [prefix ; causal own]
+            p, L = self.filling, self.prompt_lens[self.filling]
+            check_prefill(q, L)
+            self.k_prm[p, :, :L] = k[0]
+            self.v_prm[p, :, :L] = v[0]
+            keys = torch.cat([self.k_pre[None], k], dim=2), torch.cat([self.v_pre[None], v], dim=2)
+            mask = torch.ones(L, Mp + L, dtype=torch.bool, device=q.device).tril(Mp)  # (L, Mp + L)
+            return F.scaled_dot_product_attention(q, *keys, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
+        # decode: input_pos (P n, 1), each row's position; the slot of this step is the same for all
+        slot = (input_pos[0, 0] - Mp - self.prm_len[0]).view(1)  # (1,), a device tensor: no host sync
+        self.k_dec.index_copy_(2, slot, k)
+        self.v_dec.index_copy_(2, slot, v)
+        attend = prefix_decode_attention if fast(q) else prefix_attention
+        return attend(q, self.k_pre, self.v_pre, self.k_prm, self.v_prm, self.prm_len, self.k_dec, self.v_dec, slot)
+
+
 CACHES = {"bifurcated": BifurcatedCache, "standard": StandardCache}
 
 
@@ -93,34 +138,61 @@ def check_prefill(q: Tensor, context_len: int):
                          f"got batch {q.size(0)} x {q.size(2)} tokens")
 
 
+def partial_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Softmax attention over one part of the keys: (normalized output, log-sum-exp), both fp32.
+    q (..., R, D), k, v (..., N, D), mask broadcast to (..., R, N), True = attend. A part with no
+    key (N = 0, or all masked) gives output 0 and log-sum-exp -inf: weight 0 in the merge."""
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * q.size(-1) ** -0.5  # (..., R, N)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (..., R)
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0)[..., None])  # 0 where nothing is attended
+    return torch.matmul(p.to(v.dtype), v).float(), lse  # (..., R, D), (..., R)
+
+
+def merge_partials(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Exact attention over all parts from each part's (output, log-sum-exp): weights e^lse_i / sum e^lse."""
+    lse = torch.logsumexp(torch.stack([l for _, l in parts]), dim=0)  # (..., R)
+    return sum(torch.exp(l - lse)[..., None] * o for o, l in parts)  # (..., R, D)
+
+
 def bifurcated_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor,
                          slot: Tensor) -> Tensor:
     """Exact attention of each sample's query over [shared context ; its own decode slots 0..slot],
     in plain PyTorch: one GEMM per KV head for the context part, then an LSE merge in fp32."""
     n, H, _, D = q.shape
-    Hkv, M, _ = k_ctx.shape
+    Hkv = k_ctx.size(0)
     g = H // Hkv
-    scale = D ** -0.5
     # Context part: the n*g query rows of KV head j form one matrix against that head's context.
-    qc = q.view(n, Hkv, g, D).permute(1, 0, 2, 3).reshape(Hkv, n * g, D)  # (Hkv, n g, D)
-    s_ctx = torch.bmm(qc, k_ctx.transpose(1, 2)).float() * scale  # (Hkv, n g, M)
-    lse_ctx = torch.logsumexp(s_ctx, dim=-1)  # (Hkv, n g)
-    p_ctx = torch.exp(s_ctx - lse_ctx[..., None]).to(v_ctx.dtype)  # (Hkv, n g, M)
-    o_ctx = torch.bmm(p_ctx, v_ctx).float()  # (Hkv, n g, D)
-    lse_ctx = lse_ctx.view(Hkv, n, g).permute(1, 0, 2)  # (n, Hkv, g)
-    o_ctx = o_ctx.view(Hkv, n, g, D).permute(1, 0, 2, 3)  # (n, Hkv, g, D)
+    qc = q.view(n, Hkv, g, D).transpose(0, 1).reshape(Hkv, n * g, D)  # (Hkv, n g, D)
+    o_ctx, lse_ctx = partial_attention(qc, k_ctx, v_ctx)  # (Hkv, n g, D), (Hkv, n g)
+    ctx = o_ctx.view(Hkv, n, g, D).transpose(0, 1), lse_ctx.view(Hkv, n, g).transpose(0, 1)  # (n, Hkv, g, ...)
     # Decode part: each sample against its own filled slots 0..slot.
-    qd = q.view(n, Hkv, g, D)  # (n, Hkv, g, D)
-    s_dec = torch.matmul(qd, k_dec.transpose(2, 3)).float() * scale  # (n, Hkv, g, T)
     filled = torch.arange(k_dec.size(2), device=q.device) <= slot  # (T,)
-    s_dec = s_dec.masked_fill(~filled, float("-inf"))
-    lse_dec = torch.logsumexp(s_dec, dim=-1)  # (n, Hkv, g); slot 0 is always filled: finite
-    p_dec = torch.exp(s_dec - lse_dec[..., None]).to(v_dec.dtype)  # (n, Hkv, g, T)
-    o_dec = torch.matmul(p_dec, v_dec).float()  # (n, Hkv, g, D)
-    # Merge: weights e^lse_i / (e^lse_ctx + e^lse_dec), computed stably.
-    lse = torch.logaddexp(lse_ctx, lse_dec)  # (n, Hkv, g)
-    out = torch.exp(lse_ctx - lse)[..., None] * o_ctx + torch.exp(lse_dec - lse)[..., None] * o_dec
-    return out.reshape(n, H, 1, D).to(q.dtype)  # (n, H, 1, D)
+    dec = partial_attention(q.view(n, Hkv, g, D), k_dec, v_dec, filled)  # (n, Hkv, g, D), (n, Hkv, g)
+    return merge_partials([ctx, dec]).reshape(n, H, 1, D).to(q.dtype)  # (n, H, 1, D)
+
+
+def prefix_attention(q: Tensor, k_pre: Tensor, v_pre: Tensor, k_prm: Tensor, v_prm: Tensor, prm_len: Tensor,
+                     k_dec: Tensor, v_dec: Tensor, slot: Tensor) -> Tensor:
+    """Exact attention of each row over [shared prefix ; its prompt's own tokens ; its own decode
+    slots 0..slot], three parts merged by log-sum-exp. Rows are prompt-major: row p n + i is
+    sample i of prompt p. q (P n, H, 1, D); k_pre (Hkv, Mp, D); k_prm (P, Hkv, L, D), prompt p
+    filled up to prm_len[p]; k_dec (P n, Hkv, T, D)."""
+    B, H, _, D = q.shape
+    Np, Hkv, L, _ = k_prm.shape
+    n, g = B // Np, H // Hkv
+    qh = q.view(Np, n, Hkv, g, D).permute(2, 0, 1, 3, 4)  # (Hkv, P, n, g, D)
+    o, lse = partial_attention(qh.reshape(Hkv, B * g, D), k_pre, v_pre)  # the prefix: one matrix per KV head
+    pre = o.view(Hkv, Np, n, g, D), lse.view(Hkv, Np, n, g)
+    own = torch.arange(L, device=q.device) < prm_len[:, None, None, None]  # (P, 1, 1, L)
+    o, lse = partial_attention(qh.transpose(0, 1).reshape(Np, Hkv, n * g, D), k_prm, v_prm, own)  # per prompt
+    prm = o.view(Np, Hkv, n, g, D).transpose(0, 1), lse.view(Np, Hkv, n, g).transpose(0, 1)
+    filled = torch.arange(k_dec.size(2), device=q.device) <= slot  # (T,)
+    o, lse = partial_attention(q.view(B, Hkv, g, D), k_dec, v_dec, filled)  # each row's own tokens
+    dec = o.view(Np, n, Hkv, g, D).permute(2, 0, 1, 3, 4), lse.view(Np, n, Hkv, g).permute(2, 0, 1, 3)
+    out = merge_partials([pre, prm, dec])  # (Hkv, P, n, g, D)
+    return out.permute(1, 2, 0, 3, 4).reshape(B, H, 1, D).to(q.dtype)
 
 
 def plan_memory(config, attention: str, n: int, M: int, T: int, dtype: torch.dtype) -> dict[str, int]:

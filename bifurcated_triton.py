@@ -22,36 +22,48 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _context_kernel(Q, K, V, O_part, L_part, R, G, M, QK_SCALE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                    CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    rb, split, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # query rows r = i g + h of KV head j
+def _context_kernel(Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, QK_SCALE: tl.constexpr,
+                    HKV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr):
+    # With LENGTHS, K holds one context per group of rows (several prompts: (groups, Hkv, M, D),
+    # group c filled up to Lens[c], its rows those of samples c n .. c n + n - 1); else one for all.
+    rb, split, jc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    j, c = jc % HKV, jc // HKV  # KV head, group
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # the group's query rows r = i g + h of KV head j
     rmask = rows < R
     d = tl.arange(0, D)
-    # q (n, H, 1, D): row r is sample r // G, query head j G + r % G
-    q_off = ((rows // G) * HKV + j) * G * D + (rows % G) * D  # (BLOCK_R,)
+    # q (B, H, 1, D): row r is sample c (R / G) + r // G, query head j G + r % G
+    q_off = ((c * (R // G) + rows // G) * HKV + j) * G * D + (rows % G) * D  # (BLOCK_R,)
     q = tl.load(Q + q_off[:, None] + d[None, :], mask=rmask[:, None], other=0.0)  # (BLOCK_R, D)
     start = split * CHUNK
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, D], tl.float32)
-    kv = j.to(tl.int64) * M * D
+    if LENGTHS:
+        length = tl.load(Lens + c).to(tl.int32)
+    else:
+        length = M
+    kv = (c * HKV + j).to(tl.int64) * M * D
     for n0 in range(0, CHUNK, BLOCK_N):  # whole key blocks; the last split's tail is masked
         keys = start + n0 + tl.arange(0, BLOCK_N)
-        kmask = keys < M
+        kmask = keys < length
         k = tl.load(K + kv + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
         v = tl.load(V + kv + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
         s = tl.dot(q, tl.trans(k)) * QK_SCALE  # (BLOCK_R, BLOCK_N), log2 units
         s = tl.where(kmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet (a split past a prompt's end)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    part = (split * HKV + j) * R + rows  # (BLOCK_R,) index into (P, Hkv, R)
-    tl.store(O_part + part[:, None] * D + d[None, :], acc / l_i[:, None], mask=rmask[:, None])
-    tl.store(L_part + part, m_i + tl.math.log2(l_i), mask=rmask)
+    # into (P, Hkv, R_ALL) from split SPLIT0 on; a split with no key: output 0, weight 0 in the merge
+    part = ((SPLIT0 + split) * HKV + j) * R_ALL + c * R + rows  # (BLOCK_R,)
+    seen = l_i > 0
+    tl.store(O_part + part[:, None] * D + d[None, :], tl.where(seen[:, None], acc / l_i[:, None], 0.0),
+             mask=rmask[:, None])
+    tl.store(L_part + part, tl.where(seen, m_i + tl.math.log2(l_i), float("-inf")), mask=rmask)
 
 
 @triton.jit
@@ -136,16 +148,51 @@ def context_partials(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, tiles: Tiles = Til
     """Launch 1: each context split's normalized output and log2-sum-exp, (P, Hkv, R, D) and (P, Hkv, R)."""
     n, H, _, D = q.shape  # q (n, H, 1, D) contiguous; k_ctx, v_ctx (Hkv, M, D)
     Hkv, M, _ = k_ctx.shape
-    G = H // Hkv
-    R = n * G
-    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    block_r, P, chunk = context_plan(R, M, Hkv, n_sm, tiles)
-    o_part = torch.empty(P, Hkv, R, D, device=q.device, dtype=torch.float32)  # (P, Hkv, R, D)
-    l_part = torch.empty(P, Hkv, R, device=q.device, dtype=torch.float32)  # (P, Hkv, R)
-    torch.library.wrap_triton(_context_kernel)[(triton.cdiv(R, block_r), P, Hkv)](
-        q, k_ctx, v_ctx, o_part, l_part, R, G, M, QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r,
-        BLOCK_N=tiles.block_n, num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
+    plan = context_plan(n * H // Hkv, M, Hkv, num_sms(q), tiles)
+    o_part, l_part = new_partials(plan[1], q, Hkv)
+    launch_context(q, k_ctx, v_ctx, None, o_part, l_part, 0, plan, tiles)
     return o_part, l_part
+
+
+def prefix_partials(q: Tensor, k_pre: Tensor, v_pre: Tensor, k_prm: Tensor, v_prm: Tensor, prm_len: Tensor,
+                    tiles: Tiles = Tiles()) -> tuple[Tensor, Tensor]:
+    """Launch 1 for several prompts (bifurcated.prefix_attention): the prefix's splits over all
+    rows, then each prompt's splits over its own rows, in one pair of buffers for the merge."""
+    B, H, _, D = q.shape  # q (B, H, 1, D) contiguous, prompt-major; k_pre (Hkv, Mp, D); k_prm (P, Hkv, L, D)
+    Np, Hkv, L, _ = k_prm.shape
+    G, Mp, n_sm = H // Hkv, k_pre.size(1), num_sms(q)
+    pre = context_plan(B * G, Mp, Hkv, n_sm, tiles) if Mp else None
+    own = context_plan(B // Np * G, L, Hkv * Np, n_sm, tiles)  # splits past a short prompt's end hold no key
+    P1 = pre[1] if pre else 0
+    o_part, l_part = new_partials(P1 + own[1], q, Hkv)
+    if pre:
+        launch_context(q, k_pre, v_pre, None, o_part, l_part, 0, pre, tiles)
+    launch_context(q, k_prm, v_prm, prm_len, o_part, l_part, P1, own, tiles)
+    return o_part, l_part
+
+
+def num_sms(q: Tensor) -> int:
+    return torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+
+
+def new_partials(P: int, q: Tensor, Hkv: int) -> tuple[Tensor, Tensor]:
+    B, H, _, D = q.shape
+    R = B * H // Hkv
+    return (torch.empty(P, Hkv, R, D, device=q.device, dtype=torch.float32),  # (P, Hkv, R, D)
+            torch.empty(P, Hkv, R, device=q.device, dtype=torch.float32))  # (P, Hkv, R)
+
+
+def launch_context(q: Tensor, k: Tensor, v: Tensor, lens: Optional[Tensor], o_part: Tensor, l_part: Tensor,
+                   split0: int, plan: tuple[int, int, int], tiles: Tiles):
+    # k, v (Hkv, M, D) for all rows, or with lens (groups, Hkv, M, D), group c filled up to lens[c]
+    B, H, _, D = q.shape
+    Hkv, M = k.shape[-3], k.shape[-2]
+    groups, G = 1 if lens is None else k.size(0), H // Hkv
+    block_r, P, chunk = plan
+    torch.library.wrap_triton(_context_kernel)[(triton.cdiv(B // groups * G, block_r), P, Hkv * groups)](
+        q, k, v, o_part, l_part, l_part if lens is None else lens, B // groups * G, G, M, B * G, split0,
+        QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=tiles.block_n,
+        LENGTHS=lens is not None, num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
 
 
 def decode_merge(q: Tensor, k_dec: Tensor, v_dec: Tensor, o_part: Tensor, l_part: Tensor, slot: Tensor) -> Tensor:
@@ -163,3 +210,10 @@ def decode_merge(q: Tensor, k_dec: Tensor, v_dec: Tensor, o_part: Tensor, l_part
 @torch.library.triton_op("bifurcated::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor) -> Tensor:
     return run_decode_attention(q, k_ctx, v_ctx, k_dec, v_dec, slot)
+
+
+@torch.library.triton_op("bifurcated::prefix_attention", mutates_args=())
+def prefix_decode_attention(q: Tensor, k_pre: Tensor, v_pre: Tensor, k_prm: Tensor, v_prm: Tensor, prm_len: Tensor,
+                            k_dec: Tensor, v_dec: Tensor, slot: Tensor) -> Tensor:
+    q = q.contiguous()  # (B, H, 1, D)
+    return decode_merge(q, k_dec, v_dec, *prefix_partials(q, k_pre, v_pre, k_prm, v_prm, prm_len), slot)

@@ -1,8 +1,8 @@
-# Parallel sampling from one prompt: load a model, prefill the prompt once (batch 1), draw the
+# Parallel sampling from shared prompts: load a model, prefill the prompt once (batch 1), draw the
 # first token of each of n samples from the same last logits, then decode all n samples in one
-# batched step per token until each hits EOS or max_new_tokens.
-#
-# CLI:    python generate.py --checkpoint_path DIR --prompt "def f(" --num_samples 32
+# batched step per token until each hits EOS or max_new_tokens. Several prompts after a shared
+# prefix: the prefix is prefilled once, each prompt continues from it, all P x n samples decode together.
+# CLI:    python generate.py --prompt "def f(" --num_samples 32   (or --prompt_file F --shared_prefix T)
 # Python: model, tok = load_model(path); records, stats = complete(model, tok, "def f(", num_samples=32)
 import argparse
 import functools
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 import tp
-from bifurcated import CACHES, check_memory, make_caches, plan_memory  # noqa: F401 (plan_memory: API)
+from bifurcated import CACHES, PrefixCache, check_memory, make_caches, plan_memory  # noqa: F401 (plan_memory: API)
 from checkpoint import DEFAULT_CHECKPOINT, load_model, resolve_device, resolve_dtype  # noqa: F401 (API)
 from model import Transformer
 from tokenizer import Tokenizer
@@ -28,8 +28,10 @@ from tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
-def sample_tokens(logits: Tensor, temperature: float, top_k: Optional[int], top_p: float) -> Tensor:
+def sample_tokens(logits: Tensor, temperature: float, top_k: Optional[int], top_p: float, groups: int = 1) -> Tensor:
     # logits (n, V) fp32 -> (n,) ids. No host sync: the exponential race below is Gumbel-max.
+    # groups: the rows are that many prompts' samples, prompt-major, and each prompt draws the same
+    # noise, so that its samples are those it would get alone with the same seed.
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -43,15 +45,15 @@ def sample_tokens(logits: Tensor, temperature: float, top_k: Optional[int], top_
         drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p  # (n, V); the first is kept
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    race = torch.empty_like(probs).exponential_(1)
+    race = torch.empty_like(probs[: probs.size(0) // groups]).exponential_(1).repeat(groups, 1)
     return (probs / race).argmax(dim=-1)
 
 
 def decode_step(model: Transformer, tokens: Tensor, input_pos: Tensor, temperature: float,
-                top_k: Optional[int], top_p: float, vocab_size: int) -> tuple[Tensor, Tensor]:
-    # tokens (n, 1) at position input_pos () -> next tokens (n,) and their log-probs (n,)
+                top_k: Optional[int], top_p: float, vocab_size: int, groups: int = 1) -> tuple[Tensor, Tensor]:
+    # tokens (n, 1) at position input_pos (), or (n, 1) per row -> next tokens (n,), their log-probs (n,)
     logits = model(tokens, input_pos)[:, -1, :vocab_size].float()  # (n, V)
-    nxt = sample_tokens(logits, temperature, top_k, top_p)
+    nxt = sample_tokens(logits, temperature, top_k, top_p, groups)
     logprob = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None])[:, 0]  # (n,)
     return nxt, logprob
 
@@ -87,16 +89,35 @@ def sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 def generate(model: Transformer, prompt_ids: Sequence[int], num_samples: int = 1, max_new_tokens: int = 128,
-             temperature: float = 0.8, top_k: Optional[int] = None, top_p: float = 1.0,
-             eos_ids: Sequence[int] = (), attention: str = "bifurcated", compile: bool = False,
-             seed: Optional[int] = None, progress: bool = False, vocab_size: Optional[int] = None) -> Generation:
-    """vocab_size: sample only ids below it (a tokenizer smaller than the model's padded embedding)."""
+             **kwargs) -> Generation:
+    """n samples of one prompt (token ids); the settings are generate_many's."""
+    return generate_many(model, [prompt_ids], (), num_samples, max_new_tokens, **kwargs)[0]
+
+
+@torch.no_grad()
+def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_ids: Sequence[int] = (),
+                  num_samples: int = 1, max_new_tokens: int = 128, temperature: float = 0.8,
+                  top_k: Optional[int] = None, top_p: float = 1.0, eos_ids: Sequence[int] = (),
+                  attention: str = "bifurcated", compile: bool = False, seed: Optional[int] = None,
+                  progress: bool = False, vocab_size: Optional[int] = None) -> list[Generation]:
+    """n samples of each prompt (token ids), each placed after the shared prefix: one Generation per
+    prompt, the same samples it would get alone (prefix + prompt, same seed). Several prompts use
+    three cache levels (bifurcated.PrefixCache); one runs prefix + prompt as its context.
+    vocab_size: sample only ids below it (a tokenizer smaller than the model's padded embedding)."""
     check_sampling_args(num_samples, max_new_tokens, temperature, top_k, top_p, attention)
-    n, M, T = num_samples, len(prompt_ids), max_new_tokens
-    if M == 0:
-        raise ValueError("the prompt is empty")
+    prefix, prompts = list(prefix_ids), [list(p) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts")
+    if len(prompts) == 1:  # one context, as one prompt always ran
+        prefix, prompts = [], [prefix + prompts[0]]
+    Np, n, Mp, T = len(prompts), num_samples, len(prefix), max_new_tokens
+    lens = [len(p) for p in prompts]
+    if min(lens) == 0:
+        raise ValueError("the prompt is empty" if Np == 1 else f"prompt {lens.index(0)} is empty")
+    if Np > 1 and attention != "bifurcated":
+        raise ValueError(f"several prompts run with bifurcated attention only, not {attention}")
+    M = Mp + max(lens)  # the longest context
     if M + T > model.config.block_size:
         raise ValueError(f"prompt ({M} tokens) + max_new_tokens ({T}) = {M + T} exceeds the model's "
                          f"maximum length of {model.config.block_size}")
@@ -104,46 +125,66 @@ def generate(model: Transformer, prompt_ids: Sequence[int], num_samples: int = 1
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     torch.manual_seed(seed)
-    cfg = model.config
+    cfg, B = model.config, Np * n
     vocab_size = vocab_size or cfg.vocab_size
     # A run of the same sizes and settings as the last one reuses its caches and compiled step:
     # no compilation, and its CUDA graphs still point at the same cache tensors.
-    key = (attention, n, M, T, compile, temperature, top_k, top_p, vocab_size)
+    key = (attention, n, Mp, tuple(lens), T, compile, temperature, top_k, top_p, vocab_size)
     last = getattr(model, "last_run", None)
     if not (last and last[0] == key and all(l.attention.kv_cache is c for l, c in zip(model.layers, last[1]))):
         model.last_run = None
         model.setup(M + T)  # drop an earlier run's caches before planning and allocating new ones
+        stored = Mp + Np * max(lens)  # context tokens held once (each prompt's level padded to the longest)
         if device.type == "cuda":
-            check_memory(cfg, attention, n, M, T, dtype, device)
-        caches = make_caches(attention, cfg, n, M, T, dtype, device)
+            check_memory(cfg, attention, B, stored, T, dtype, device)
+        if Np == 1:
+            caches = make_caches(attention, cfg, n, M, T, dtype, device)
+        else:
+            with torch.device(device):
+                caches = [PrefixCache(n, cfg.n_kv_heads, cfg.head_dim, Mp, lens, T, dtype) for _ in model.layers]
         model.setup(M + T, caches)
         step = functools.partial(decode_step, model, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 vocab_size=vocab_size)
+                                 vocab_size=vocab_size, groups=Np)
         if compile:
             step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
         model.last_run = last = (key, caches, step)
-    step = last[2]
+    caches, step = last[1:]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the peak of this run: its caches and after
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
 
     sync(device)
     t0 = time.perf_counter()
-    prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)[None]  # (1, M)
-    last = model(prompt, torch.arange(M, device=device), last_only=True)[:, -1, :vocab_size].float()  # (1, V)
-    # each sample's first token is its own draw from the same last logits
-    first = sample_tokens(last.expand(n, -1), temperature, top_k, top_p)  # (n,)
-    out = torch.zeros(n, T, dtype=torch.long, device=device)  # (n, T)
-    logprobs = torch.zeros(n, T, device=device)  # (n, T)
+    as_ids = lambda ids: torch.tensor(ids, dtype=torch.long, device=device)[None]  # (1, S)
+    if Np == 1:
+        last_logits = model(as_ids(prompts[0]), torch.arange(M, device=device), last_only=True)[:, -1]  # (1, V)
+    else:  # the prefix once, then each prompt continuing from its keys and values
+        fill = lambda p: [setattr(c, "filling", p) for c in caches]
+        if Mp:
+            fill(None)
+            model(as_ids(prefix), torch.arange(Mp, device=device), last_only=True)
+        lasts = []
+        for p, ids in enumerate(prompts):
+            fill(p)
+            lasts.append(model(as_ids(ids), torch.arange(Mp, Mp + len(ids), device=device), last_only=True)[:, -1])
+        last_logits = torch.cat(lasts)  # (P, V)
+    last_logits = last_logits[:, :vocab_size].float().repeat_interleave(n, dim=0)  # (B, V), prompt-major rows
+    # each sample's first token is its own draw from its prompt's last logits
+    first = sample_tokens(last_logits, temperature, top_k, top_p, groups=Np)  # (B,)
+    out = torch.zeros(B, T, dtype=torch.long, device=device)  # (B, T)
+    logprobs = torch.zeros(B, T, device=device)  # (B, T)
     out[:, 0] = first
-    logprobs[:, 0] = torch.log_softmax(last, dim=-1)[0, first]
-    done = torch.isin(first, eos)  # (n,)
+    logprobs[:, 0] = torch.log_softmax(last_logits, dim=-1).gather(-1, first[:, None])[:, 0]
+    done = torch.isin(first, eos)  # (B,)
     sync(device)
     t_prefill = time.perf_counter() - t0
 
     # Steady-state timing starts once compilation and CUDA-graph recording (first calls) are over.
     warmup = min(3 if compile else 0, T - 1)
-    input_pos = torch.tensor(M, device=device)
+    if Np == 1:
+        input_pos = torch.tensor(M, device=device)  # one position for all rows
+    else:
+        input_pos = torch.tensor([Mp + L for L in lens], device=device).repeat_interleave(n)[:, None]  # (B, 1)
     bar = Progress(T - 1) if progress else None
     steps, t_warm, t1 = 0, 0.0, time.perf_counter()
     for i in range(1, T):
@@ -180,10 +221,14 @@ def generate(model: Transformer, prompt_ids: Sequence[int], num_samples: int = 1
         prefill_ms=1e3 * t_prefill,
         decode_ms_per_step=1e3 * t_decode / timed_steps if timed_steps else float("nan"),
         compile_s=t_warm if compile else 0.0,
-        tokens_per_s=n * (steps + 1) / (t_prefill + t_warm + t_decode),
+        tokens_per_s=B * (steps + 1) / (t_prefill + t_warm + t_decode),
         peak_memory_gb=peak_memory_gb(device),
     )
-    return Generation(tokens, means, reasons, stats)
+    if Np > 1:
+        stats.update(num_prompts=Np, prefix_tokens=Mp)
+    rows = lambda p, xs: xs[p * n : (p + 1) * n]  # prompt p's samples
+    return [Generation(rows(p, tokens), rows(p, means), rows(p, reasons), dict(stats, prompt_tokens=Mp + lens[p]))
+            for p in range(Np)]
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -213,21 +258,33 @@ def complete(model: Transformer, tokenizer: Optional[Tokenizer], prompt, num_sam
              **kwargs) -> tuple[list[dict], dict]:
     """Sample completions of one prompt (text, or a list of token ids); returns one record per
     sample, as written to --output, and the stats."""
-    if isinstance(prompt, str):
+    return complete_many(model, tokenizer, [prompt], "", num_samples, **kwargs)
+
+
+def complete_many(model: Transformer, tokenizer: Optional[Tokenizer], prompts: list, prefix="",
+                  num_samples: int = 1, **kwargs) -> tuple[list[dict], dict]:
+    """n completions of each prompt (text, or token ids), each placed after the shared prefix (its
+    own tokenization: the prefix and each prompt are encoded apart and joined). One record per sample,
+    prompt-major, with its prompt_index."""
+    def encode(text, bos: bool) -> list[int]:
+        if not isinstance(text, str) or not text:
+            return list(text)
         if tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer: give token ids (--prompt_len N)")
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        prompt_ids = tokenizer.encode(prompt, bos=True)
-    else:
-        prompt_ids = list(prompt)
+        return tokenizer.encode(text, bos=bos)
+
+    prefix_ids = encode(prefix, bos=True)
+    prompt_ids = [encode(p, bos=not prefix_ids) for p in prompts]
+    if len(prompts) == 1 and not prefix_ids + prompt_ids[0]:
+        raise ValueError("the prompt is empty")
     eos_ids, vocab_size = (sorted(tokenizer.stop_ids), tokenizer.vocab_size) if tokenizer is not None else ((), None)
-    gen = generate(model, prompt_ids, num_samples, eos_ids=eos_ids, vocab_size=vocab_size, **kwargs)
-    records = [dict(sample=i, prompt_tokens=len(prompt_ids), tokens=toks,
-                    text=continuation(tokenizer, prompt_ids, toks) if tokenizer is not None else None,
+    gens = generate_many(model, prompt_ids, prefix_ids, num_samples, eos_ids=eos_ids, vocab_size=vocab_size, **kwargs)
+    records = [dict(prompt_index=p, sample=i, prompt_tokens=len(prefix_ids + ids), tokens=toks,
+                    text=continuation(tokenizer, prefix_ids + ids, toks) if tokenizer is not None else None,
                     mean_logprob=mp, finish_reason=fr)
+               for p, (ids, gen) in enumerate(zip(prompt_ids, gens))
                for i, (toks, mp, fr) in enumerate(zip(gen.tokens, gen.mean_logprob, gen.finish_reason))]
-    return records, gen.stats
+    return records, dict(gens[0].stats, prompt_tokens=max(r["prompt_tokens"] for r in records))
 
 
 def continuation(tokenizer: Tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
@@ -238,9 +295,13 @@ def continuation(tokenizer: Tokenizer, prompt_ids: list[int], ids: list[int]) ->
 
 
 def rerank_records(records: list[dict]) -> list[dict]:
-    """Best first by mean token log-probability, each record given its `rank` (1 = best)."""
-    ranked = sorted(records, key=lambda r: r["mean_logprob"], reverse=True)
-    return [dict(r, rank=i + 1) for i, r in enumerate(ranked)]
+    """Best first by mean token log-probability within each prompt, each record given its `rank`
+    among its prompt's samples (1 = best)."""
+    out = []
+    for p in sorted({r.get("prompt_index", 0) for r in records}):
+        ranked = sorted((r for r in records if r.get("prompt_index", 0) == p), key=lambda r: -r["mean_logprob"])
+        out += [dict(r, rank=i + 1) for i, r in enumerate(ranked)]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,31 +320,54 @@ def write_jsonl(path: str, records: list[dict]):
         raise
 
 
-def read_prompt(prompt: Optional[str], prompt_file: Optional[str], prompt_len: Optional[int],
-                vocab_size: int) -> str | list[int]:
+def read_prompts(prompt: Optional[str], prompt_file: Optional[str], prompt_len: Optional[int],
+                 vocab_size: int) -> list:
+    """--prompt: one text; --prompt_file: one prompt per line, or in a .jsonl file one JSON object
+    per line with a "prompt" text (prompts of several lines); --prompt_len: random token ids."""
     given = [x is not None for x in (prompt, prompt_file, prompt_len)]
     if sum(given) != 1:
         raise ValueError("give exactly one of --prompt, --prompt_file, --prompt_len")
     if prompt_file is not None:
-        try:
-            prompt = Path(prompt_file).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read prompt file {prompt_file}: {e}") from None
+        lines = [line for line in read_text(prompt_file, "prompt file").splitlines() if line.strip()]
+        if prompt_file.endswith(".jsonl"):
+            try:
+                lines = [json.loads(line)["prompt"] for line in lines]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{prompt_file}: each line must be a JSON object with a \"prompt\" ({e!r})") from None
+            if not all(isinstance(t, str) and t for t in lines):
+                raise ValueError(f"{prompt_file}: every \"prompt\" must be a non-empty text")
+        if not lines:
+            raise ValueError(f"prompt file {prompt_file} holds no prompt")
+        return lines
     if prompt is not None:
         if not prompt:
             raise ValueError("the prompt is empty")
-        return prompt
+        return [prompt]
     if prompt_len < 1:
         raise ValueError(f"prompt_len must be at least 1, got {prompt_len}")
+    return [random_prompt(prompt_len, vocab_size)]
+
+
+def random_prompt(prompt_len: int, vocab_size: int) -> list[int]:
     # random ids from a fixed generator: the same prompt for every run and every mode
     return torch.randint(0, vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
+def read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {what} {path}: {e}") from None
+
+
 def main(checkpoint_path: Optional[str], prompt: Optional[str], prompt_file: Optional[str],
-         prompt_len: Optional[int], num_samples: int, max_new_tokens: int, temperature: float,
+         prompt_len: Optional[int], shared_prefix: Optional[str], shared_prefix_file: Optional[str], num_samples: int, max_new_tokens: int, temperature: float,
          top_k: Optional[int], top_p: float, seed: Optional[int], attention: str, device: Optional[str],
          dtype: Optional[str], compile: Optional[bool], rerank: bool, output: Optional[str]):
     check_sampling_args(num_samples, max_new_tokens, temperature, top_k, top_p, attention)
+    if shared_prefix is not None and shared_prefix_file is not None:
+        raise ValueError("give at most one of --shared_prefix, --shared_prefix_file")
+    prefix = read_text(shared_prefix_file, "shared prefix file") if shared_prefix_file else shared_prefix or ""
     if output is not None and not Path(output).parent.is_dir():
         raise ValueError(f"output directory does not exist: {Path(output).parent}")
     dev = resolve_device(device)
@@ -294,9 +378,9 @@ def main(checkpoint_path: Optional[str], prompt: Optional[str], prompt_file: Opt
     model, tokenizer = load_model(checkpoint_path, dev, resolve_dtype(dtype, dev), prepare)
     if world > 1:
         seed = tp.same_on_all_ranks(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ())))
-    prompt = read_prompt(prompt, prompt_file, prompt_len, model.config.vocab_size)
+    prompts = read_prompts(prompt, prompt_file, prompt_len, model.config.vocab_size)
     compile = dev.type == "cuda" if compile is None else compile
-    records, stats = complete(model, tokenizer, prompt, num_samples, max_new_tokens=max_new_tokens,
+    records, stats = complete_many(model, tokenizer, prompts, prefix, num_samples, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_k=top_k, top_p=top_p, attention=attention,
                               compile=compile, seed=seed, progress=rank == 0)
     if rerank:
@@ -312,12 +396,17 @@ def main(checkpoint_path: Optional[str], prompt: Optional[str], prompt_file: Opt
 def report(records: list[dict], stats: dict, setup: str, compile: bool):
     for r in records:
         rank = f"rank {r['rank']}: " if "rank" in r else ""
+        rank += f"prompt {r['prompt_index']}, " if "num_prompts" in stats else ""
         print(f"--- {rank}sample {r['sample']} ({r['finish_reason']}, {len(r['tokens'])} tokens, "
               f"mean logprob {r['mean_logprob']:.3f}) ---")
         print(r["text"] if r["text"] is not None else r["tokens"])
     print("--- stats ---")
     print(f"{setup}, seed {stats['seed']}")
-    print(f"prompt {stats['prompt_tokens']} tokens, {stats['num_samples']} samples x {stats['steps']} steps")
+    if "num_prompts" in stats:
+        print(f"{stats['num_prompts']} prompts after a shared prefix of {stats['prefix_tokens']} tokens (longest "
+              f"{stats['prompt_tokens']} tokens in all), {stats['num_samples']} samples each x {stats['steps']} steps")
+    else:
+        print(f"prompt {stats['prompt_tokens']} tokens, {stats['num_samples']} samples x {stats['steps']} steps")
     print(f"prefill {stats['prefill_ms']:.1f} ms | decode {stats['decode_ms_per_step']:.2f} ms/step | "
           f"{stats['tokens_per_s']:.1f} tokens/s (all samples, prefill included)"
           + (f" | compile {stats['compile_s']:.1f} s" if compile else ""))
@@ -325,13 +414,15 @@ def report(records: list[dict], stats: dict, setup: str, compile: bool):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Parallel sampling from one prompt with bifurcated attention.")
+    p = argparse.ArgumentParser(description="Parallel sampling from shared prompts with bifurcated attention.")
     p.add_argument("--checkpoint_path", default=str(DEFAULT_CHECKPOINT),
                    help="converted checkpoint (file or directory), or synthetic:NAME (default: the shipped tiny code model)")
     p.add_argument("--prompt", help="prompt text")
-    p.add_argument("--prompt_file", help="read the prompt from this file")
+    p.add_argument("--prompt_file", help="prompts, one per line (.jsonl: one {\"prompt\": ...} object per line)")
     p.add_argument("--prompt_len", type=int, help="random prompt of this many token ids (no tokenizer needed)")
-    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--shared_prefix", help="text placed before every prompt, stored and read once")
+    p.add_argument("--shared_prefix_file", help="read the shared prefix from this file")
+    p.add_argument("--num_samples", type=int, default=1, help="samples of each prompt")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=None)

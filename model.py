@@ -150,11 +150,12 @@ class Transformer(nn.Module):
 
     def forward(self, idx: Tensor, input_pos: Tensor, last_only: bool = False) -> Tensor:
         # idx (B, S) token ids. input_pos: (S,) the positions of a prompt's tokens (prefill, or
-        # the whole sequence without a cache), or () the one position of a decode step.
+        # the whole sequence without a cache), () the one position of a decode step, or (B, 1)
+        # each row's own position in a decode step (several prompts of different lengths).
         # last_only: logits of the last position alone (a long prompt's (S, V) logits are GBs).
         if self.freqs_cis is None:
             raise RuntimeError("call model.setup(max_seq_len) before running the model")
-        freqs_cis = self.freqs_cis[input_pos.view(-1)]  # (S, D/2, 2); S = 1 in decode
+        freqs_cis = self.freqs_cis[input_pos.view(-1) if input_pos.dim() < 2 else input_pos]  # ([B,] S, D/2, 2)
         x = self.tok_embeddings(idx)  # (B, S, C)
         for layer in self.layers:
             x = layer(x, freqs_cis, input_pos)
@@ -260,7 +261,7 @@ def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
     # Hugging Face's q/k weights (which pair i with i + D/2) into this layout.
     B, S, H, D = x.shape
     xs = x.float().reshape(B, S, H, D // 2, 2)  # (B, S, H, D/2, 2)
-    fc = freqs_cis.view(1, S, 1, D // 2, 2)  # (1, S, 1, D/2, 2)
+    fc = freqs_cis.view(-1, S, 1, D // 2, 2)  # (1 or B, S, 1, D/2, 2)
     out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
                        xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1)  # (B, S, H, D/2, 2)
     return out.flatten(3).type_as(x)  # (B, S, H, D)

@@ -84,16 +84,17 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def step_cost(config: ModelArgs, params_linear: int, attention: str, n: int, M: int, T: int,
-              bytes_per_elem: int, weights_read: Optional[int] = None) -> tuple[float, float]:
+              bytes_per_elem: int, weights_read: Optional[int] = None, attended: Optional[int] = None) -> tuple[float, float]:
     """(bytes, flops) one decode step must at least read and compute, its attended decode tokens
     averaged over the T new ones (T / 2 per sample). weights_read: the weights' bytes when they are
-    not params_linear elements of bytes_per_elem each (quantized)."""
+    not params_linear elements of bytes_per_elem each (quantized). attended: the context tokens each
+    row attends to when it is not M, the tokens stored (several prompts)."""
     L, H, Hkv, D = config.n_layer, config.n_head, config.n_kv_heads, config.head_dim
     kv_per_token = 2 * L * Hkv * D * bytes_per_elem  # K and V of one token in every layer
     context = kv_per_token * M * (n if attention == "standard" else 1)  # standard reads each row's copy
     decode = kv_per_token * n * T / 2
     nbytes = (params_linear * bytes_per_elem if weights_read is None else weights_read) + context + decode
-    flops = 2 * params_linear * n + 4 * L * H * D * n * (M + T / 2)  # q.k and p.v over M + T/2 keys
+    flops = 2 * params_linear * n + 4 * L * H * D * n * ((attended or M) + T / 2)  # q.k, p.v over its keys
     return nbytes, flops
 
 
@@ -116,7 +117,7 @@ def measure(model, name: str, attention: str, n: int, M: int, T: int, compile: b
     plan = generate.plan_memory(model.config, attention, n, M, T, dtype)
     row = dict(kind="decode", model=name, context=M, n=n, attention=attention, weights=weights, max_new_tokens=T,
                predicted_gb=plan["total"] / 1e9, oom=False)
-    prompt = generate.read_prompt(None, None, M, model.config.vocab_size)  # generate.py's --prompt_len prompt
+    prompt = generate.random_prompt(M, model.config.vocab_size)  # generate.py's --prompt_len prompt
     runs = []
     try:
         for _ in range(repeats):
@@ -147,8 +148,54 @@ def measure(model, name: str, attention: str, n: int, M: int, T: int, compile: b
     return row
 
 
+MANY_MODES = ("three-level", "one-level", "standard")
+
+
+def measure_many(model, name: str, prompts: int, prefix_len: int, prompt_len: int, mode: str, n: int, T: int,
+                 compile: bool, repeats: int, rates: tuple[float, float], weights: str = "bf16",
+                 size: tuple[int, Optional[int]] = None) -> dict:
+    """Several prompts after a shared prefix. three-level: the prefix stored once (PrefixCache);
+    one-level: the prefix copied into each prompt's own level; standard: every row its own copy of
+    prefix + prompt (the plain batched engine; planned only, as several prompts run bifurcated)."""
+    device, dtype, cfg = model.output.weight.device, model.output.weight.dtype, model.config
+    B, M = prompts * n, prefix_len + prompt_len
+    stored = {"three-level": prefix_len + prompts * prompt_len, "one-level": prompts * M, "standard": B * M}[mode]
+    plan = generate.plan_memory(cfg, "bifurcated", B, stored, T, dtype)
+    row = dict(kind="many", model=name, prompts=prompts, prefix=prefix_len, prompt_tokens=prompt_len, n=n,
+               attention=mode, weights=weights, max_new_tokens=T, predicted_gb=plan["total"] / 1e9, oom=False)
+    if mode == "standard":
+        free = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else float("inf")
+        return dict(row, oom=plan["total"] > free, measured=False)
+    prefix = generate.random_prompt(prefix_len, cfg.vocab_size)
+    texts = [torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1 + p)).tolist()
+             for p in range(prompts)]
+    if mode == "one-level":
+        prefix, texts = [], [prefix + t for t in texts]
+    runs = []
+    try:
+        for _ in range(repeats):
+            runs.append(generate.generate_many(model, texts, prefix, num_samples=n, max_new_tokens=T, temperature=0.8,
+                                               compile=compile, seed=0)[0].stats)
+    except ValueError as e:
+        if not str(e).startswith("does not fit"):
+            raise
+        row.update(oom=True)
+    release(device, compile)
+    if row["oom"]:
+        return row
+    params, weights_read = size or (linear_params(model), None)
+    nbytes, flops = step_cost(cfg, params, "bifurcated", B, stored, T, dtype.itemsize, weights_read, attended=M)
+    floor_ms = 1e3 * max(nbytes / rates[0], flops / rates[1])
+    ms = statistics.median(r["decode_ms_per_step"] for r in runs)
+    return dict(row, ms_per_step=ms, ms_per_step_runs=[r["decode_ms_per_step"] for r in runs],
+                prefill_ms=statistics.median(r["prefill_ms"] for r in runs),
+                peak_memory_gb=max(r["peak_memory_gb"] for r in runs), compile_s=runs[0]["compile_s"],
+                bytes_per_step_gb=nbytes / 1e9, floor_ms=floor_ms, pct_of_floor=100 * floor_ms / ms,
+                achieved_gbps=nbytes / ms / 1e6)
+
+
 def measure_e2e(model, name: str, compile: bool, repeats: int, weights: str = "bf16") -> dict:
-    prompt = generate.read_prompt(None, None, E2E_PROMPT, model.config.vocab_size)
+    prompt = generate.random_prompt(E2E_PROMPT, model.config.vocab_size)
     kwargs = dict(num_samples=1, max_new_tokens=E2E_NEW_TOKENS, temperature=0.8, eos_ids=(), compile=compile, seed=0)
     generate.generate(model, prompt, **kwargs)  # warm-up: compilation and the first CUDA-graph recording
     totals = []
@@ -181,13 +228,21 @@ DECODE_COLUMNS = ("model", "context", "n", "attention", "weights", "ms/step", "f
 E2E_COLUMNS = ("model", "weights", "prompt", "new tokens", "tokens/s", "total s", "prefill ms", "ms/step")
 DECODE_HEADER = [md_row(*DECODE_COLUMNS), md_row(*["---"] * len(DECODE_COLUMNS))]
 E2E_HEADER = [md_row(*E2E_COLUMNS), md_row(*["---"] * len(E2E_COLUMNS))]
+MANY_COLUMNS = ("model", "prompts x n", "prefix + prompt tokens", "cache", "weights", *DECODE_COLUMNS[5:])
+MANY_HEADER = [md_row(*MANY_COLUMNS), md_row(*["---"] * len(MANY_COLUMNS))]
 
 
 def table_row(r: dict) -> str:
     if r["kind"] == "e2e":
         return md_row(r["model"], r["weights"], r["context"], r["max_new_tokens"], f"{r['tokens_per_s']:.1f}",
                       f"{r['total_s']:.2f}", f"{r['prefill_ms']:.1f}", f"{r['ms_per_step']:.2f}")
-    head = (r["model"], r["context"], r["n"], r["attention"], r["weights"])
+    if r["kind"] == "many":
+        head = (r["model"], f"{r['prompts']} x {r['n']}", f"{r['prefix']} + {r['prompt_tokens']}", r["attention"],
+                r["weights"])
+        if not r.get("measured", True) and not r["oom"]:
+            return md_row(*head, f"not run (predicted {r['predicted_gb']:.1f} GB)", *[""] * 6)
+    else:
+        head = (r["model"], r["context"], r["n"], r["attention"], r["weights"])
     if r["oom"]:
         return md_row(*head, f"OOM (predicted {r['predicted_gb']:.1f} GB)", *[""] * 6)
     return md_row(*head, f"{r['ms_per_step']:.2f}", f"{r['floor_ms']:.2f}", f"{r['pct_of_floor']:.0f}%",
@@ -210,6 +265,9 @@ def markdown(result: dict) -> str:
         head = [setting(result), "", f"`{result['command']}`"]
     lines = [f"# Decode benchmark: {result['gpu']}", "", *head, "", *DECODE_HEADER,
              *(table_row(r) for r in result["rows"] if r["kind"] == "decode")]
+    many = [table_row(r) for r in result["rows"] if r["kind"] == "many"]
+    if many:
+        lines += ["", "Several prompts after a shared prefix:", "", *MANY_HEADER, *many]
     e2e = [table_row(r) for r in result["rows"] if r["kind"] == "e2e"]
     if e2e:
         lines += ["", "End to end, one sample, prefill included:", "", *E2E_HEADER, *e2e]
@@ -286,7 +344,7 @@ def merge(files: list[str], out_dir: str, tag: str) -> Path:
 # CLI
 def main(models: list[str], contexts: list[int], samples: list[int], attention: list[str], max_new_tokens: int,
          repeats: int, out_dir: str, tag: str, device: str, dtype: str, compile: bool, e2e: bool,
-         weights: Sequence[str] = ("bf16",)):
+         weights: Sequence[str] = ("bf16",), many: Optional[list[int]] = None):
     for name in models:
         ModelArgs.from_name(name)  # an unknown name fails here, before an hour of measuring
     for n in samples:
@@ -338,8 +396,12 @@ def main(models: list[str], contexts: list[int], samples: list[int], attention: 
         if e2e:
             say("\n".join(E2E_HEADER))
             record(measure_e2e(model, name, compile, repeats, kind), "[e2e]")
-        say("\n".join(DECODE_HEADER))
-        for M in contexts:
+        say("\n".join(MANY_HEADER if many else DECODE_HEADER))
+        for n, mode in itertools.product(samples, MANY_MODES) if many else ():  # several prompts instead
+            row = measure_many(model, name, *many, mode, n, max_new_tokens, compile, repeats, (read_bw, matmul_rate),
+                               kind, size)
+            record(row, "[many]")
+        for M in contexts if not many else ():
             for n in samples:
                 for mode in attention:
                     done += 1
@@ -363,6 +425,9 @@ if __name__ == "__main__":
     p.add_argument("--contexts", nargs="+", type=int, default=[8192, 16384, 32768], help="prompt lengths M")
     p.add_argument("--samples", nargs="+", type=int, default=[1, 8, 32, 64, 256, 512], help="numbers of samples n")
     p.add_argument("--attention", nargs="+", default=["bifurcated", "standard"])
+    p.add_argument("--many", nargs=3, type=int, metavar=("PROMPTS", "PREFIX", "TOKENS"),
+                   help="several prompts instead: PROMPTS random prompts of TOKENS tokens after a PREFIX-token "
+                        "shared prefix, n samples each, three-level vs one-level cache (and standard, planned)")
     p.add_argument("--weights", nargs="+", default=["bf16"], choices=["bf16", "int8", "int4"],
                    help="bf16, or the same weights quantized (int8; int4 in groups of 128)")
     p.add_argument("--max_new_tokens", type=int, default=128)

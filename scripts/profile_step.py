@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bifurcated import make_caches
-from generate import decode_step, load_model, read_prompt, resolve_device
+from generate import decode_step, load_model, random_prompt, resolve_device
 
 
 @torch.no_grad()
@@ -23,7 +23,7 @@ def main(model: str, context: int, num_samples: int, attention: str, steps: int,
     m, _ = load_model("synthetic:" + model, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     cfg, n, T = m.config, num_samples, steps + 8
     m.setup(context + T, make_caches(attention, cfg, n, context, T, m.output.weight.dtype, dev))
-    prompt = torch.tensor(read_prompt(None, None, context, cfg.vocab_size), device=dev)[None]  # (1, M)
+    prompt = torch.tensor(random_prompt(context, cfg.vocab_size), device=dev)[None]  # (1, M)
     m(prompt, torch.arange(context, device=dev), last_only=True)  # prefill: fills the context cache
     step = functools.partial(decode_step, m, temperature=0.8, top_k=None, top_p=1.0, vocab_size=cfg.vocab_size)
     if compile:

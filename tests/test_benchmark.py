@@ -162,3 +162,17 @@ def test_plot(tmp_path):
 def test_gpu_slug():
     assert benchmark.gpu_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
     assert benchmark.gpu_slug("NVIDIA H200") == "h200"
+
+
+def test_many_prompt_rows(tmp_path, plan_calls):
+    benchmark.main(out_dir=str(tmp_path), **dict(SWEEP, samples=[2], many=[3, 20, 9]))
+    result, table = read_results(tmp_path)
+    rows = {r["attention"]: r for r in result["rows"]}
+    assert list(rows) == ["three-level", "one-level", "standard"]
+    three, one = rows["three-level"], rows["one-level"]
+    assert (three["prompts"], three["prefix"], three["prompt_tokens"], three["n"]) == (3, 20, 9, 2)
+    assert three["ms_per_step"] > 0 and one["ms_per_step"] > 0 and not rows["standard"]["measured"]
+    # the prefix stored and read once: 20 + 3 x 9 context tokens instead of 3 x (20 + 9)
+    kv = one["bytes_per_step_gb"] - three["bytes_per_step_gb"]
+    assert kv == pytest.approx(2 * 20 * (2 * 2 * 2 * 16 * 4) / 1e9)  # 40 tokens of 512 bytes fewer
+    assert [c for c in (64, 100) if f"| {c} |" in table] == [] and "Several prompts after a shared prefix" in table

@@ -146,7 +146,7 @@ def test_sample_checkpoint_dir(bifurcated_run, ckpts):
     prompt_tokens = len(prompt_ids)
     assert [r["sample"] for r in records] == [0, 1, 2, 3]
     for r in records:
-        assert set(r) == {"sample", "prompt_tokens", "tokens", "text", "mean_logprob", "finish_reason"}
+        assert set(r) == {"prompt_index", "sample", "prompt_tokens", "tokens", "text", "mean_logprob", "finish_reason"}
         assert r["prompt_tokens"] == prompt_tokens
         assert all(isinstance(t, int) and 0 <= t < 512 for t in r["tokens"])
         assert tok.decode(prompt_ids) + r["text"] == tok.decode(prompt_ids + r["tokens"])  # the continuation

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from bifurcated import bifurcated_attention
-from generate import generate
+from bifurcated import bifurcated_attention, prefix_attention
+from generate import generate, generate_many
 from model import ModelArgs, Transformer
 from test_generate import step_logits
 
@@ -81,3 +81,31 @@ def test_linear_kernel(kind, M, N, K):
     out = linear(x[None], w, s)  # leading dims kept
     assert out.shape == (1, M, N) and out.dtype == torch.bfloat16
     assert rel_err(out[0], ref) < 1e-2
+
+
+@pytest.mark.parametrize("Hkv", [32, 8, 1])
+@pytest.mark.parametrize("Mp,lens", [(0, [100, 7, 513]), (4097, [1, 300]), (1000, [64])])
+def test_prefix_kernel_bf16(Hkv, Mp, lens):
+    # several prompts: prefix, each prompt's own tokens (unequal lengths), each sample's own
+    kernel = pytest.importorskip("bifurcated_triton").prefix_decode_attention
+    H, D, T, n, slot = 32, 128, 64, 5, 37
+    Np, L = len(lens), max(lens)
+    g = torch.Generator("cuda").manual_seed(Mp + Hkv)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.bfloat16)
+    args = [rnd(Np * n, H, 1, D), rnd(Hkv, Mp, D), rnd(Hkv, Mp, D), rnd(Np, Hkv, L, D), rnd(Np, Hkv, L, D),
+            torch.tensor(lens, device="cuda"), rnd(Np * n, Hkv, T, D), rnd(Np * n, Hkv, T, D),
+            torch.tensor([slot], device="cuda")]
+    out = kernel(*args)
+    ref = prefix_attention(*(a.double() if a.is_floating_point() else a for a in args))
+    assert out.shape == args[0].shape and rel_err(out, ref) < 1e-2
+
+
+def test_many_prompts_compiled_matches_eager():
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
+    prompts = [torch.randint(0, 512, (m,)).tolist() for m in (30, 5, 61)]
+    prefix = torch.randint(0, 512, (40,)).tolist()
+    runs = [[g.tokens for g in generate_many(model, prompts, prefix, num_samples=4, max_new_tokens=16,
+                                             temperature=0.0, compile=c)] for c in (False, True)]
+    assert runs[0] == runs[1]

@@ -1,0 +1,121 @@
+# Many prompts at once after a shared prefix (three cache levels), fp32 on CPU: each prompt's samples
+# equal those of running prefix + prompt alone with the same seed; the attention of the three
+# levels equals one softmax over the concatenated keys.
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bifurcated import prefix_attention
+from generate import DEFAULT_CHECKPOINT, complete_many, generate, generate_many, load_model
+from test_cli import assert_one_line_error
+from test_generate import CONFIGS, prompt_ids, tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("prefix_len", [0, 1, 23])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_each_prompt_as_if_alone(name, prefix_len, temperature):
+    model = tiny_model(name)
+    prefix = prompt_ids(prefix_len, seed=5)
+    prompts = [prompt_ids(m, seed=10 + m) for m in (7, 1, 30)]  # unequal lengths
+    kwargs = dict(num_samples=4, max_new_tokens=12, temperature=temperature, seed=3)
+    many = generate_many(model, prompts, prefix, **kwargs)
+    assert len(many) == 3
+    for p, prompt in enumerate(prompts):
+        alone = generate(model, prefix + prompt, **kwargs)
+        assert many[p].tokens == alone.tokens, f"prompt {p}"
+        assert many[p].mean_logprob == pytest.approx(alone.mean_logprob, abs=1e-4)
+        assert many[p].stats["prompt_tokens"] == prefix_len + len(prompt)
+    assert many[0].stats["num_prompts"] == 3 and many[0].stats["prefix_tokens"] == prefix_len
+
+
+def test_eos_and_one_prompt_in_a_list():
+    model = tiny_model("tiny-gqa")
+    prompts = [prompt_ids(9, seed=1), prompt_ids(4, seed=2)]
+    kwargs = dict(num_samples=3, max_new_tokens=40, temperature=1.0, seed=0)
+    many = generate_many(model, prompts, prompt_ids(5, seed=3), **kwargs)
+    eos = many[1].tokens[0][2]  # a token that sample 0 of prompt 1 draws: it must stop there
+    stopped = generate_many(model, prompts, prompt_ids(5, seed=3), eos_ids=[eos], **kwargs)
+    assert stopped[1].finish_reason[0] == "eos" and stopped[1].tokens[0] == many[1].tokens[0][:2]
+    one = generate_many(model, prompts[:1], prompt_ids(5, seed=3), **kwargs)  # one prompt: one context
+    assert one[0].tokens == many[0].tokens
+
+
+@pytest.mark.parametrize("Hkv", [4, 2, 1])
+def test_prefix_attention_against_one_softmax(Hkv):
+    g = torch.Generator().manual_seed(Hkv)
+    H, D, Np, n, Mp, L, T, slot = 4, 16, 3, 2, 11, 9, 6, 3
+    lens = torch.tensor([9, 2, 5])
+    r = lambda *s: torch.randn(*s, generator=g)
+    q, k_pre, v_pre = r(Np * n, H, 1, D), r(Hkv, Mp, D), r(Hkv, Mp, D)
+    k_prm, v_prm, k_dec, v_dec = r(Np, Hkv, L, D), r(Np, Hkv, L, D), r(Np * n, Hkv, T, D), r(Np * n, Hkv, T, D)
+    out = prefix_attention(q, k_pre, v_pre, k_prm, v_prm, lens, k_dec, v_dec, torch.tensor([slot]))
+    for row in range(Np * n):
+        p = row // n
+        k = torch.cat([k_pre, k_prm[p, :, : lens[p]], k_dec[row, :, : slot + 1]], dim=1)  # (Hkv, keys, D)
+        v = torch.cat([v_pre, v_prm[p, :, : lens[p]], v_dec[row, :, : slot + 1]], dim=1)
+        k, v = k.repeat_interleave(H // Hkv, 0), v.repeat_interleave(H // Hkv, 0)  # (H, keys, D)
+        k, v = k.double(), v.double()  # an fp64 reference for the fp32 path
+        ref = torch.softmax(q[row].double() @ k.transpose(1, 2) / D**0.5, dim=-1) @ v  # (H, 1, D)
+        torch.testing.assert_close(out[row].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_prompt_lists():
+    model = tiny_model("tiny-mha")
+    with pytest.raises(ValueError, match="no prompts"):
+        generate_many(model, [], [1, 2])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate_many(model, [[1, 2], []], [3])
+    with pytest.raises(ValueError, match="bifurcated attention only"):
+        generate_many(model, [[1, 2], [3]], attention="standard")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, on the shipped model
+PROMPTS, PREFIX = ["def add(a, b):", "def sub(a, b):"], "# math helpers\n"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("kind", ["lines", "jsonl"])
+def test_cli_prompt_file_and_shared_prefix(tmp_path, kind):
+    if kind == "lines":
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")  # blank lines are skipped
+    else:
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(PROMPTS)))
+    out = tmp_path / "out.jsonl"
+    proc = run_cli(f"--prompt_file={prompts}", f"--shared_prefix={PREFIX}", "--num_samples=3", "--max_new_tokens=8",
+                   "--seed=0", "--rerank", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 prompts after a shared prefix" in proc.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt_index"], r["rank"]) for r in records] == [(p, k) for p in (0, 1) for k in (1, 2, 3)]
+    model, tokenizer = load_model(str(DEFAULT_CHECKPOINT))
+    for p, text in enumerate(PROMPTS):
+        mine = [r for r in records if r["prompt_index"] == p]
+        assert [r["mean_logprob"] for r in mine] == sorted((r["mean_logprob"] for r in mine), reverse=True)
+        alone, _ = complete_many(model, tokenizer, [text], PREFIX, num_samples=3, max_new_tokens=8, seed=0)
+        assert sorted(r["tokens"] for r in alone) == sorted(r["tokens"] for r in mine)
+
+
+@pytest.mark.parametrize("name,content,args,expected", [
+    ("empty.txt", "\n\n", [], "holds no prompt"),
+    ("bad.jsonl", '{"text": "x"}\n', [], '"prompt"'),
+    ("bad2.jsonl", '{"prompt": ""}\n', [], "non-empty"),
+    ("p.txt", "x\n", ["--shared_prefix=a", "--shared_prefix_file=nowhere"], "at most one"),
+    ("p.txt", "x\n", ["--shared_prefix_file=/nowhere/prefix.txt"], "cannot read shared prefix file"),
+])
+def test_cli_bad_prompt_files(tmp_path, name, content, args, expected):
+    (tmp_path / name).write_text(content)
+    assert_one_line_error(run_cli(f"--prompt_file={tmp_path / name}", *args), expected)
