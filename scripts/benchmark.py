@@ -113,39 +113,48 @@ def release(device: torch.device, compiled: bool):
 def measure(model, name: str, attention: str, n: int, M: int, T: int, compile: bool, repeats: int,
             rates: tuple[float, float], weights: str = "bf16", size: tuple[int, Optional[int]] = None) -> dict:
     # size: (linear parameters, bytes of the weights read per step, None: bf16), from the loaded model
-    device, dtype = model.output.weight.device, model.output.weight.dtype
+    dtype = model.output.weight.dtype
     plan = generate.plan_memory(model.config, attention, n, M, T, dtype)
     row = dict(kind="decode", model=name, context=M, n=n, attention=attention, weights=weights, max_new_tokens=T,
                predicted_gb=plan["total"] / 1e9, oom=False)
     prompt = generate.random_prompt(M, model.config.vocab_size)  # generate.py's --prompt_len prompt
+    runs = timed_runs(row, model, compile, repeats, lambda: generate.generate(
+        model, prompt, num_samples=n, max_new_tokens=T, temperature=0.8, attention=attention, compile=compile, seed=0))
+    params, weights_read = size or (linear_params(model), None)
+    return with_floor(row, runs, *step_cost(model.config, params, attention, n, M, T, dtype.itemsize, weights_read),
+                      rates)
+
+
+def timed_runs(row: dict, model, compile: bool, repeats: int, run) -> list[dict]:
+    """Each run's stats; none, and the row marked, when it does not fit."""
     runs = []
     try:
         for _ in range(repeats):
-            runs.append(generate.generate(model, prompt, num_samples=n, max_new_tokens=T, temperature=0.8,
-                                          eos_ids=(), attention=attention, compile=compile, seed=0).stats)
+            runs.append(run().stats)
     except ValueError as e:
         if not str(e).startswith("does not fit"):
             raise
         row.update(oom=True)
     except torch.OutOfMemoryError:  # the plan said it fits, the allocator disagreed
         row.update(oom=True, crashed=True)
-    release(device, compile)
+    release(model.output.weight.device, compile)
+    return runs
+
+
+def with_floor(row: dict, runs: list[dict], nbytes: float, flops: float, rates: tuple[float, float]) -> dict:
     if row["oom"]:
         return row
     ms = statistics.median(r["decode_ms_per_step"] for r in runs)
-    params, weights_read = size or (linear_params(model), None)
-    nbytes, flops = step_cost(model.config, params, attention, n, M, T, dtype.itemsize, weights_read)
     read_ms, matmul_ms = 1e3 * nbytes / rates[0], 1e3 * flops / rates[1]
     floor_ms = max(read_ms, matmul_ms)
-    row.update(ms_per_step=ms, ms_per_step_runs=[r["decode_ms_per_step"] for r in runs],
-               prefill_ms=statistics.median(r["prefill_ms"] for r in runs),
-               peak_memory_gb=max(r["peak_memory_gb"] for r in runs),
-               compile_s=runs[0]["compile_s"],  # the first run compiles; later ones find it warm
-               compile_s_runs=[r["compile_s"] for r in runs],
-               bytes_per_step_gb=nbytes / 1e9, tflop_per_step=flops / 1e12, floor_ms=floor_ms,
-               bound="memory" if read_ms >= matmul_ms else "compute", pct_of_floor=100 * floor_ms / ms,
-               achieved_gbps=nbytes / ms / 1e6)
-    return row
+    return dict(row, ms_per_step=ms, ms_per_step_runs=[r["decode_ms_per_step"] for r in runs],
+                prefill_ms=statistics.median(r["prefill_ms"] for r in runs),
+                peak_memory_gb=max(r["peak_memory_gb"] for r in runs),
+                compile_s=runs[0]["compile_s"],  # the first run compiles; later ones find it warm
+                compile_s_runs=[r["compile_s"] for r in runs],
+                bytes_per_step_gb=nbytes / 1e9, tflop_per_step=flops / 1e12, floor_ms=floor_ms,
+                bound="memory" if read_ms >= matmul_ms else "compute", pct_of_floor=100 * floor_ms / ms,
+                achieved_gbps=nbytes / ms / 1e6)
 
 
 MANY_MODES = ("three-level", "one-level", "standard")
@@ -171,27 +180,11 @@ def measure_many(model, name: str, prompts: int, prefix_len: int, prompt_len: in
              for p in range(prompts)]
     if mode == "one-level":
         prefix, texts = [], [prefix + t for t in texts]
-    runs = []
-    try:
-        for _ in range(repeats):
-            runs.append(generate.generate_many(model, texts, prefix, num_samples=n, max_new_tokens=T, temperature=0.8,
-                                               compile=compile, seed=0)[0].stats)
-    except ValueError as e:
-        if not str(e).startswith("does not fit"):
-            raise
-        row.update(oom=True)
-    release(device, compile)
-    if row["oom"]:
-        return row
+    runs = timed_runs(row, model, compile, repeats, lambda: generate.generate_many(
+        model, texts, prefix, num_samples=n, max_new_tokens=T, temperature=0.8, compile=compile, seed=0)[0])
     params, weights_read = size or (linear_params(model), None)
-    nbytes, flops = step_cost(cfg, params, "bifurcated", B, stored, T, dtype.itemsize, weights_read, attended=M)
-    floor_ms = 1e3 * max(nbytes / rates[0], flops / rates[1])
-    ms = statistics.median(r["decode_ms_per_step"] for r in runs)
-    return dict(row, ms_per_step=ms, ms_per_step_runs=[r["decode_ms_per_step"] for r in runs],
-                prefill_ms=statistics.median(r["prefill_ms"] for r in runs),
-                peak_memory_gb=max(r["peak_memory_gb"] for r in runs), compile_s=runs[0]["compile_s"],
-                bytes_per_step_gb=nbytes / 1e9, floor_ms=floor_ms, pct_of_floor=100 * floor_ms / ms,
-                achieved_gbps=nbytes / ms / 1e6)
+    cost = step_cost(cfg, params, "bifurcated", B, stored, T, dtype.itemsize, weights_read, attended=M)
+    return with_floor(row, runs, *cost, rates)
 
 
 def measure_e2e(model, name: str, compile: bool, repeats: int, weights: str = "bf16") -> dict:
