@@ -4,7 +4,10 @@
 # bandwidth. Two kinds of weight, one kernel (the constexpr SCALED):
 #   bf16: W (N, K);
 #   int8 (w8a16): W (N, K) int8 and one scale per output channel (N,); the int8 tile is converted in
-#   registers and the fp32 accumulator multiplied by the scale at the end, so 1 byte per weight is read.
+#   registers and the fp32 accumulator multiplied by the scale at the end, so 1 byte per weight is read;
+#   int4 (w4a16, GROUP > 0): W (N, K/2) uint8, input channel 2i in the high nibble, and a scale and
+#   zero point per group of GROUP input channels, S (K/GROUP, N, 2): w = (q - 8) scale + zero
+#   (quantize.py's layout), unpacked and dequantized in registers: half a byte per weight.
 # Each program owns BLOCK_N output channels of all M rows over one slice of K (split-K): the splits
 # give every SM `waves` programs to stream even when N / BLOCK_N is smaller than the SM count. Each
 # split writes its fp32 partial (P, M, N) and the wrapper sums them: deterministic (no atomics), no
@@ -25,7 +28,7 @@ MAX_M = 64  # above this (prefill) the product is compute-bound: cuBLAS does it
 
 @triton.jit
 def _linear_kernel(X, W, S, Out, M, N, K, CHUNK, SCALED: tl.constexpr, SWAP_AB: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     nb, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -33,7 +36,10 @@ def _linear_kernel(X, W, S, Out, M, N, K, CHUNK, SCALED: tl.constexpr, SWAP_AB: 
     start = split * CHUNK
     ks = start + tl.arange(0, BLOCK_K)
     x_ptrs = X + rows[:, None] * K + ks[None, :]  # (BLOCK_M, BLOCK_K)
-    w_ptrs = W + cols[:, None].to(tl.int64) * K + ks[None, :]  # (BLOCK_N, BLOCK_K)
+    if GROUP:  # int4: BLOCK_K / 2 bytes of each row hold BLOCK_K weights
+        w_ptrs = W + cols[:, None].to(tl.int64) * (K // 2) + start // 2 + tl.arange(0, BLOCK_K // 2)[None, :]
+    else:
+        w_ptrs = W + cols[:, None].to(tl.int64) * K + ks[None, :]  # (BLOCK_N, BLOCK_K)
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
@@ -42,17 +48,28 @@ def _linear_kernel(X, W, S, Out, M, N, K, CHUNK, SCALED: tl.constexpr, SWAP_AB: 
         kmask = ks + k0 < K
         x = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
         # W is read once: evict it first, so that x and the partials keep their place in L2
-        w = tl.load(w_ptrs, mask=cmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
-        w = w.to(x.dtype)  # (BLOCK_N, BLOCK_K); int8 -> bf16 is exact, a no-op for bf16
+        if GROUP:  # the tile lies in one group (GROUP is a multiple of BLOCK_K)
+            bmask = start + k0 + 2 * tl.arange(0, BLOCK_K // 2) < K  # (BLOCK_K / 2,)
+            b = tl.load(w_ptrs, mask=cmask[:, None] & bmask[None, :], other=0,
+                        eviction_policy="evict_first").to(tl.int32)  # (BLOCK_N, BLOCK_K / 2)
+            q = tl.interleave(b >> 4, b & 15).to(tl.float32)  # (BLOCK_N, BLOCK_K): high nibble first
+            sz = S + ((start + k0) // GROUP * N + cols) * 2  # (BLOCK_N,) into (K / GROUP, N, 2)
+            smask = cmask & (start + k0 < K)  # a tile past K (the last split's tail): weights 0
+            scale = tl.load(sz, mask=smask, other=0.0).to(tl.float32)
+            zero = tl.load(sz + 1, mask=smask, other=0.0).to(tl.float32)
+            w = ((q - 8.0) * scale[:, None] + zero[:, None]).to(x.dtype)
+        else:
+            w = tl.load(w_ptrs, mask=cmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
+            w = w.to(x.dtype)  # (BLOCK_N, BLOCK_K); int8 -> bf16 is exact, a no-op for bf16
         if SWAP_AB:  # y^T = W x^T: W's rows fill the MMA's 64-row side (Hopper's wgmma), x only 16+
             acc = tl.dot(w, tl.trans(x), acc)  # (BLOCK_N, BLOCK_M)
         else:
             acc = tl.dot(x, tl.trans(w), acc)  # (BLOCK_M, BLOCK_N)
         x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K // 2 if GROUP else BLOCK_K
     if SWAP_AB:
         acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
-    if SCALED:  # the per-channel scale commutes with the sum over K: once, in fp32
+    if SCALED and not GROUP:  # the per-channel scale commutes with the sum over K: once, in fp32
         acc *= tl.load(S + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     out = Out + split * M * N + rows[:, None] * N + cols[None, :]  # (BLOCK_M, BLOCK_N) of (P, M, N)
     tl.store(out, acc.to(Out.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
@@ -81,18 +98,23 @@ def linear_plan(M: int, N: int, K: int, block_k: int, n_sm: int, tiles: Tiles = 
     return block_m, triton.cdiv(K, chunk), chunk
 
 
-def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Tiles = Tiles()) -> Tensor:
-    M, K = x.shape  # x (M, K); weight (N, K) bf16 or int8; scales (N,) or None
+def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Tiles = Tiles(),
+               group: int = 0) -> Tensor:
+    # x (M, K); weight (N, K) bf16 or int8 with scales (N,) or None; or with group > 0, int4:
+    # weight (N, K/2) uint8 and scales the scales and zero points (K/group, N, 2)
+    M, K = x.shape
     N = weight.shape[0]
-    if weight.shape[1] != K:
-        raise ValueError(f"x has {K} input channels, the weight {weight.shape[1]}")
+    if weight.shape[1] * (2 if group else 1) != K:
+        raise ValueError(f"x has {K} input channels, the weight {weight.shape[1] * (2 if group else 1)}")
     if K % 16:  # keeps the K mask constant over 16 channels, so that loads stay vectorized
         raise ValueError(f"linear_triton needs K a multiple of 16, got {K}")
     if M > MAX_M:
+        if group:
+            raise ValueError(f"int4 weights take at most {MAX_M} rows here; dequantize them for more")
         y = F.linear(x, weight.to(x.dtype))  # (M, N)
         return y if scales is None else y * scales
     x = x.contiguous()
-    block_k = tiles.block_k or 256 // weight.element_size()
+    block_k = min(group, tiles.block_k or 128) if group else tiles.block_k or 256 // weight.element_size()
     n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     block_m, P, chunk = linear_plan(M, N, K, block_k, n_sm, tiles)
     # one split: y itself, in x's dtype; else fp32 partials (P, M, N), summed below
@@ -101,7 +123,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Tiles
     torch.library.wrap_triton(_linear_kernel)[(triton.cdiv(N, tiles.block_n), P)](
         x, weight, weight if scales is None else scales, part, M, N, K, chunk,  # S unused if not SCALED
         SCALED=scales is not None, SWAP_AB=tiles.swap_ab, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
-        BLOCK_K=block_k, num_warps=tiles.warps, num_stages=tiles.stages)
+        BLOCK_K=block_k, GROUP=group, num_warps=tiles.warps, num_stages=tiles.stages)
     return part if P == 1 else part.sum(0).to(x.dtype)  # (M, N)
 
 

@@ -16,6 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import bifurcated` as a script
 
 import torch
+
+if not torch.cuda.is_available():  # before Triton, which CPU-only installs lack
+    sys.exit("error: needs a CUDA GPU")
 import triton.testing
 
 from bifurcated import bifurcated_attention
@@ -101,7 +104,4 @@ if __name__ == "__main__":
     p.add_argument("--sweep", action="store_true", help="also time 36 other tile choices")
     p.add_argument("--output", help="write every number to this JSON file")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("error: needs a CUDA GPU", file=sys.stderr)
-        sys.exit(1)
     main(**vars(args))

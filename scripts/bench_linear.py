@@ -18,9 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import linea
 
 import torch
 import torch.nn.functional as F
+
+if not torch.cuda.is_available():  # before Triton, which CPU-only installs lack
+    sys.exit("error: needs a CUDA GPU")
 import triton
 import triton.testing
 
+import quantize
 from linear_triton import Tiles, run_linear
 
 SHAPES = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w1": (11008, 4096), "w2": (4096, 11008), "w13": (22016, 4096)}
@@ -37,6 +41,16 @@ def read_bandwidth() -> float:
 def time_us(fn, sets: list[tuple]) -> float:
     it = itertools.cycle(sets)  # the graph holds many calls, each on the next copy
     return 1e3 * triton.testing.do_bench_cudagraph(lambda: fn(*next(it)), return_mode="median")
+
+
+INT4_GROUP = 128
+
+
+def int4_layer(packed, scales_and_zeros):
+    layer = quantize.Int4Linear(packed.shape[1] * 2, packed.shape[0], INT4_GROUP)
+    layer.load_state_dict({"weight": packed, "scales_and_zeros": scales_and_zeros}, assign=True)
+    quantize.pack_for_cuda(layer)
+    return layer
 
 
 def cublas(x, w, s):
@@ -59,14 +73,23 @@ def main(shapes: list[str], samples: list[int], sweep: bool, output: str | None)
         ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]  # (N, K)
         qs = [torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8) for _ in range(copies)]  # (N, K)
         ss = [(torch.rand(N, device="cuda") * 1e-3).to(torch.bfloat16) for _ in range(copies)]  # (N,)
+        q4 = [quantize.quantize_int4(w, INT4_GROUP) for w in ws]  # (N, K/2) uint8, (K/G, N, 2)
+        torch_int4 = [int4_layer(*q) for q in q4]  # PyTorch's int4 kernel, as quantize.Int4Linear runs it
         for M in samples:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)  # (M, K)
-            kinds = {"bf16": ([(x, w, None) for w in ws], 2 * N * K), "int8": (list(zip([x] * copies, qs, ss)), N * K)}
-            expected = {"bf16": cublas(*kinds["bf16"][0][0]).float(), "int8": plain_int8(*kinds["int8"][0][0]).float()}
+            kinds = {"bf16": ([(x, w, None) for w in ws], 2 * N * K), "int8": (list(zip([x] * copies, qs, ss)), N * K),
+                     "int4": ([(x, *q) for q in q4], N * K // 2 + 4 * N * K // INT4_GROUP),
+                     "torch int4": ([(x, layer) for layer in torch_int4], N * K // 2 + 4 * N * K // INT4_GROUP)}
+            expected = {"bf16": cublas(*kinds["bf16"][0][0]).float(), "int8": plain_int8(*kinds["int8"][0][0]).float(),
+                        "int4": (x @ quantize.dequantize_int4(*q4[0], INT4_GROUP).t().to(x.dtype)).float()}
+            expected["torch int4"] = expected["int4"]
             tiles = [Tiles()] + (SWEEP if sweep else [])
-            paths = ([("cublas", "bf16", cublas, None), ("plain int8", "int8", plain_int8, None)]
-                     + [(f"triton {kind}", kind, lambda *a, t=t: run_linear(*a, tiles=t), t)
-                        for kind in ("bf16", "int8") for t in tiles])
+            paths = ([("cublas", "bf16", cublas, None), ("plain int8", "int8", plain_int8, None),
+                      ("torch int4", "torch int4", lambda x, layer: layer(x), None)]
+                     + [(f"triton {kind}", kind, lambda *a, t=t: run_linear(*a, tiles=t), t) for kind in ("bf16", "int8")
+                        for t in tiles]
+                     + [("triton int4", "int4", lambda *a, t=t: run_linear(*a, tiles=t, group=INT4_GROUP), t)
+                        for t in tiles])
             for path, kind, fn, t in paths:
                 sets, nbytes = kinds[kind]
                 try:
@@ -85,14 +108,16 @@ def main(shapes: list[str], samples: list[int], sweep: bool, output: str | None)
                       f"| {row['pct_of_bandwidth']:.0f}% |", flush=True)
         del ws, qs, ss
     if sweep:  # the fastest tiles of each kernel, beside the baselines
-        print("\nbest tiles:\n\n| layer | M | path | tiles | us | % of read bandwidth | cuBLAS us | plain int8 us |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\nbest tiles:\n\n| layer | M | path | tiles | us | % of read bandwidth | cuBLAS us | plain int8 us "
+              "| torch int4 us |")
+        print("|---|---|---|---|---|---|---|---|---|")
         us = {(r["layer"], r["M"], r["path"]): r["us"] for r in rows if r["tiles"] is None}
         for (name, M, path), group in itertools.groupby(rows, key=lambda r: (r["layer"], r["M"], r["path"])):
             if path.startswith("triton"):
                 best = min(group, key=lambda r: r["us"])
                 print(f"| {name} | {M} | {path} | {Tiles(**best['tiles'])} | {best['us']:.1f} | "
-                      f"{best['pct_of_bandwidth']:.0f}% | {us[name, M, 'cublas']:.1f} | {us[name, M, 'plain int8']:.1f} |")
+                      f"{best['pct_of_bandwidth']:.0f}% | {us[name, M, 'cublas']:.1f} | {us[name, M, 'plain int8']:.1f} "
+                      f"| {us[name, M, 'torch int4']:.1f} |")
     if output:
         Path(output).write_text(json.dumps(dict(command=" ".join(["python"] + sys.argv), torch=torch.__version__,
                                                 gpu=torch.cuda.get_device_name(), read_gbps=bw / 1e9, rows=rows),
@@ -106,7 +131,4 @@ if __name__ == "__main__":
     p.add_argument("--sweep", action="store_true", help=f"also time {len(SWEEP)} other tile choices")
     p.add_argument("--output", help="write every number to this JSON file")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("error: needs a CUDA GPU", file=sys.stderr)
-        sys.exit(1)
     main(**vars(args))
