@@ -159,15 +159,14 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
     if Np == 1:
         last_logits = model(as_ids(prompts[0]), torch.arange(M, device=device), last_only=True)[:, -1]  # (1, V)
     else:  # the prefix once, then each prompt continuing from its keys and values
-        fill = lambda p: [setattr(c, "filling", p) for c in caches]
+        def prefill(p: Optional[int], ids: list[int], start: int) -> Tensor:  # p None: the prefix
+            for c in caches:
+                c.filling = p
+            return model(as_ids(ids), torch.arange(start, start + len(ids), device=device), last_only=True)[:, -1]
+
         if Mp:
-            fill(None)
-            model(as_ids(prefix), torch.arange(Mp, device=device), last_only=True)
-        lasts = []
-        for p, ids in enumerate(prompts):
-            fill(p)
-            lasts.append(model(as_ids(ids), torch.arange(Mp, Mp + len(ids), device=device), last_only=True)[:, -1])
-        last_logits = torch.cat(lasts)  # (P, V)
+            prefill(None, prefix, 0)
+        last_logits = torch.cat([prefill(p, ids, Mp) for p, ids in enumerate(prompts)])  # (P, V)
     last_logits = last_logits[:, :vocab_size].float().repeat_interleave(n, dim=0)  # (B, V), prompt-major rows
     # each sample's first token is its own draw from its prompt's last logits
     first = sample_tokens(last_logits, temperature, top_k, top_p, groups=Np)  # (B,)
@@ -361,7 +360,8 @@ def read_text(path: str, what: str) -> str:
 
 
 def main(checkpoint_path: Optional[str], prompt: Optional[str], prompt_file: Optional[str],
-         prompt_len: Optional[int], shared_prefix: Optional[str], shared_prefix_file: Optional[str], num_samples: int, max_new_tokens: int, temperature: float,
+         prompt_len: Optional[int], shared_prefix: Optional[str], shared_prefix_file: Optional[str],
+         num_samples: int, max_new_tokens: int, temperature: float,
          top_k: Optional[int], top_p: float, seed: Optional[int], attention: str, device: Optional[str],
          dtype: Optional[str], compile: Optional[bool], rerank: bool, output: Optional[str]):
     check_sampling_args(num_samples, max_new_tokens, temperature, top_k, top_p, attention)
@@ -381,8 +381,8 @@ def main(checkpoint_path: Optional[str], prompt: Optional[str], prompt_file: Opt
     prompts = read_prompts(prompt, prompt_file, prompt_len, model.config.vocab_size)
     compile = dev.type == "cuda" if compile is None else compile
     records, stats = complete_many(model, tokenizer, prompts, prefix, num_samples, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_k=top_k, top_p=top_p, attention=attention,
-                              compile=compile, seed=seed, progress=rank == 0)
+                                   temperature=temperature, top_k=top_k, top_p=top_p, attention=attention,
+                                   compile=compile, seed=seed, progress=rank == 0)
     if rerank:
         records = rerank_records(records)
     if rank == 0:  # every rank holds the same samples; one prints and writes them

@@ -89,9 +89,12 @@ def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], sa
                       f"| | | | decode + merge launch | | {row['merge_us']:.1f} | | |", flush=True)
         del sets
     if output:
-        Path(output).write_text(json.dumps(dict(command=" ".join(["python"] + sys.argv), torch=torch.__version__,
-                                                gpu=torch.cuda.get_device_name(), read_gbps=bw / 1e9, rows=rows),
-                                           indent=1))
+        write_results(output, bw, rows)
+
+
+def write_results(path: str, bw: float, rows: list[dict]):  # every number, with the command and the GPU
+    Path(path).write_text(json.dumps(dict(command=" ".join(["python"] + sys.argv), torch=torch.__version__,
+                                          gpu=torch.cuda.get_device_name(), read_gbps=bw / 1e9, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

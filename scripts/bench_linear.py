@@ -10,7 +10,6 @@
 import argparse
 import dataclasses
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -25,17 +24,13 @@ import triton
 import triton.testing
 
 import quantize
+from bench_attention import read_bandwidth, write_results
 from linear_triton import Tiles, run_linear
 
 SHAPES = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w1": (11008, 4096), "w2": (4096, 11008), "w13": (22016, 4096)}
 SWEEP = [t for t in (Tiles(block_n=n, waves=w, stages=s) for n, w, s in itertools.product((32, 64, 128), (1, 2, 4), (3, 4)))
          if t != Tiles()] + [Tiles(block_k=64), Tiles(block_k=512), Tiles(warps=8), Tiles(block_n=128, warps=8),
                              Tiles(swap_ab=False), Tiles(block_n=128, swap_ab=False)]
-
-
-def read_bandwidth() -> float:
-    x = torch.randn(1 << 31, device="cuda", dtype=torch.bfloat16)  # 4 GiB
-    return x.numel() * 2 / (triton.testing.do_bench_cudagraph(x.sum, return_mode="median") * 1e-3)
 
 
 def time_us(fn, sets: list[tuple]) -> float:
@@ -119,9 +114,7 @@ def main(shapes: list[str], samples: list[int], sweep: bool, output: str | None)
                       f"{best['pct_of_bandwidth']:.0f}% | {us[name, M, 'cublas']:.1f} | {us[name, M, 'plain int8']:.1f} "
                       f"| {us[name, M, 'torch int4']:.1f} |")
     if output:
-        Path(output).write_text(json.dumps(dict(command=" ".join(["python"] + sys.argv), torch=torch.__version__,
-                                                gpu=torch.cuda.get_device_name(), read_gbps=bw / 1e9, rows=rows),
-                                           indent=1))
+        write_results(output, bw, rows)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+import quantize
 from bifurcated import bifurcated_attention, prefix_attention
 from generate import generate, generate_many
 from model import ModelArgs, Transformer
@@ -74,7 +75,6 @@ def test_linear_kernel(kind, M, N, K):
     if kind == "int4":  # groups of 32 (K = 96 takes no larger one), the tail split past K included
         if M > linear_triton.MAX_M:
             pytest.skip("int4 rows above MAX_M are dequantized by the caller")
-        import quantize
         packed, sz = quantize.quantize_int4(torch.randn(N, K, generator=g, device="cuda") * 0.02, 32)
         ref = x.double() @ quantize.dequantize_int4(packed, sz, 32).double().t()
         assert rel_err(linear_triton.run_linear(x, packed, sz, group=32), ref) < 1e-2
