@@ -1,12 +1,15 @@
 # The fast bifurcated attention of one decode step, in Triton, registered as a custom op so that
 # torch.compile and CUDA graphs capture it. Same math as bifurcated.bifurcated_attention (the
-# plain-PyTorch reference), in two launches:
+# plain-PyTorch reference), in three launches:
 #   1. context: for KV head j, a tile of the n*g query rows that use it against a slice of the
 #      shared context (a real matrix product on tensor cores). The context is split across thread
 #      blocks (split-K) so that every SM streams a part of it; each returns its partial output,
 #      normalized, and its log-sum-exp.
-#   2. decode + merge: for sample i and query head h, its query against its own filled decode
-#      slots only, then an exact LSE merge of that part with the context splits, in fp32.
+#   2. decode: the same kernel, a group of rows per sample (its g query heads) against its own
+#      filled decode slots only.
+#   3. merge: for sample i and query head h, an exact LSE merge of all the partials, in fp32.
+# More levels (a prefix shared by several prompts, then each prompt's own tokens) are more
+# launches of the context kernel into the same buffers, before the decode one.
 # Dimension letters: n samples, M context length, T decode capacity, H query heads, Hkv KV heads,
 # g = H / Hkv, D head dim, R = n g query rows per KV head, P context splits.
 import math
@@ -24,9 +27,11 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _context_kernel(Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, QK_SCALE: tl.constexpr,
                     HKV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr):
-    # With LENGTHS, K holds one context per group of rows (several prompts: (groups, Hkv, M, D),
-    # group c filled up to Lens[c], its rows those of samples c n .. c n + n - 1); else one for all.
+                    BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr, SLOT: tl.constexpr):
+    # With LENGTHS, K holds one context per group of rows ((groups, Hkv, M, D), its rows those of
+    # samples c R/G .. (c + 1) R/G - 1), group c filled up to Lens[c] (several prompts), or with
+    # SLOT, every group up to slot Lens[0] (the samples' own decode slots, one group per sample).
+    # Else K is one context (Hkv, M, D) for all rows.
     rb, split, jc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j, c = jc % HKV, jc // HKV  # KV head, group
     rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # the group's query rows r = i g + h of KV head j
@@ -39,12 +44,18 @@ def _context_kernel(Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, QK_SC
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, D], tl.float32)
-    if LENGTHS:
+    if SLOT:
+        length = tl.load(Lens).to(tl.int32) + 1
+    elif LENGTHS:
         length = tl.load(Lens + c).to(tl.int32)
     else:
         length = M
+    if LENGTHS or SLOT:  # the filled keys of this split only (none where it starts past them)
+        stop = tl.minimum(CHUNK, length - start)
+    else:
+        stop = CHUNK
     kv = (c * HKV + j).to(tl.int64) * M * D
-    for n0 in range(0, CHUNK, BLOCK_N):  # whole key blocks; the last split's tail is masked
+    for n0 in range(0, stop, BLOCK_N):  # whole key blocks; the last one masked
         keys = start + n0 + tl.arange(0, BLOCK_N)
         kmask = keys < length
         k = tl.load(K + kv + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
@@ -67,34 +78,17 @@ def _context_kernel(Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, QK_SC
 
 
 @triton.jit
-def _decode_merge_kernel(Q, KD, VD, O_part, L_part, Out, Slot, R, G, QK_SCALE: tl.constexpr, HKV: tl.constexpr,
-                         D: tl.constexpr, T: tl.constexpr, P: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK_P: tl.constexpr):
+def _merge_kernel(O_part, L_part, Out, R, G, HKV: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+                  BLOCK_P: tl.constexpr):
+    # each split is a normalized output o_s with log2-sum-exp lse_s, i.e. an unnormalized sum
+    # 2^lse_s o_s; fold them all exactly, BLOCK_P at a time, in fp32
     i, h = tl.program_id(0), tl.program_id(1)  # sample i, query head h (of KV head h // G)
     j = h // G
     d = tl.arange(0, D)
-    q = tl.load(Q + (i * HKV * G + h) * D + d).to(tl.float32)  # (D,)
-    filled = tl.load(Slot) + 1  # slots 0 .. slot hold this sample's decoded keys
+    row = i * G + h % G  # this head's query row of KV head j
     m_i = tl.full([], float("-inf"), tl.float32)
     l_i = tl.zeros([], tl.float32)
     acc = tl.zeros([D], tl.float32)
-    kv = (i * HKV + j).to(tl.int64) * T * D  # the G query heads of a KV head read it from L2 after the first
-    for t0 in range(0, T, BLOCK_T):  # masked loads past the filled slots read no memory
-        t = t0 + tl.arange(0, BLOCK_T)
-        tmask = t < filled
-        k = tl.load(KD + kv + t[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)  # (BLOCK_T, D)
-        v = tl.load(VD + kv + t[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
-        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * QK_SCALE  # (BLOCK_T,), log2 units
-        s = tl.where(tmask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: slot 0 is always filled
-        p = tl.math.exp2(s - m_new)
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-        m_i = m_new
-    # merge the context splits: each is a normalized output o_s with log2-sum-exp lse_s, i.e. an
-    # unnormalized sum 2^lse_s o_s; fold them into (m_i, l_i, acc) exactly, BLOCK_P at a time
-    row = i * G + h % G  # this head's query row of KV head j
     for s0 in range(0, P, BLOCK_P):
         sp = s0 + tl.arange(0, BLOCK_P)
         pmask = sp < P
@@ -102,12 +96,13 @@ def _decode_merge_kernel(Q, KD, VD, O_part, L_part, Out, Slot, R, G, QK_SCALE: t
         lse = tl.load(L_part + part, mask=pmask, other=float("-inf"))  # (BLOCK_P,)
         o = tl.load(O_part + part[:, None] * D + d[None, :], mask=pmask[:, None], other=0.0)  # (BLOCK_P, D)
         m_new = tl.maximum(m_i, tl.max(lse, axis=0))
-        alpha = tl.math.exp2(m_i - m_new)
-        w = tl.math.exp2(lse - m_new)  # (BLOCK_P,)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet in the splits so far
+        alpha = tl.math.exp2(m_i - m_use)
+        w = tl.math.exp2(lse - m_use)  # (BLOCK_P,)
         l_i = l_i * alpha + tl.sum(w, axis=0)
         acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
         m_i = m_new
-    tl.store(Out + (i * HKV * G + h) * D + d, (acc / l_i).to(Out.dtype.element_ty))
+    tl.store(Out + (i * HKV * G + h) * D + d, (acc / l_i).to(Out.dtype.element_ty))  # slot 0 is always filled
 
 
 @dataclass(frozen=True)
@@ -135,13 +130,46 @@ def context_plan(R: int, M: int, n_kv_heads: int, n_sm: int, tiles: Tiles = Tile
 def run_decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor,
                          tiles: Tiles = Tiles()) -> Tensor:
     q = q.contiguous()  # a transposed (n, 1, H, D): free, since S = 1
-    o_part, l_part = context_partials(q, k_ctx, v_ctx, tiles)
-    return decode_merge(q, k_dec, v_dec, o_part, l_part, slot)
+    n, H, _, D = q.shape
+    Hkv, M, _ = k_ctx.shape
+    ctx = Level(k_ctx, v_ctx, None, context_plan(n * H // Hkv, M, Hkv, num_sms(q), tiles))
+    return attend_levels(q, [ctx], k_dec, v_dec, slot, tiles)
 
 
 # softmax in base 2 (exp2 is the hardware's instruction); a constexpr, so it stays fp32 under Inductor
 def qk_scale(D: int) -> float:
     return LOG2E / math.sqrt(D)
+
+
+@dataclass
+class Level:
+    """One level of keys: k, v (Hkv, M, D) for all rows, or (groups, Hkv, M, D) with lens, group c
+    filled up to lens[c]; and its context_plan."""
+    k: Tensor
+    v: Tensor
+    lens: Optional[Tensor]
+    plan: tuple[int, int, int]
+
+
+def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, slot: Tensor,
+                  tiles: Tiles = Tiles()) -> Tensor:
+    """Each level's splits, then each sample's own decode slots 0..slot as one more level (a group
+    per sample), into one pair of buffers; then one exact merge of them all: (B, H, 1, D)."""
+    B, H, _, D = q.shape  # q (B, H, 1, D) contiguous; k_dec, v_dec (B, Hkv, T, D); slot (1,)
+    _, Hkv, T, _ = k_dec.shape
+    G = H // Hkv
+    own = context_plan(G, T, Hkv * B, num_sms(q), tiles)
+    o_part, l_part = new_partials(sum(lv.plan[1] for lv in levels) + own[1], q, Hkv)
+    split0 = 0
+    for lv in levels:
+        launch_context(q, lv.k, lv.v, lv.lens, o_part, l_part, split0, lv.plan, tiles)
+        split0 += lv.plan[1]
+    launch_context(q, k_dec, v_dec, slot, o_part, l_part, split0, own, tiles, up_to_slot=True)
+    out = torch.empty_like(q)  # (B, H, 1, D)
+    P = o_part.size(0)
+    torch.library.wrap_triton(_merge_kernel)[(B, H)](
+        o_part, l_part, out, B * G, G, HKV=Hkv, D=D, P=P, BLOCK_P=min(64, triton.next_power_of_2(P)), num_warps=4)
+    return out
 
 
 def context_partials(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, tiles: Tiles = Tiles()) -> tuple[Tensor, Tensor]:
@@ -154,21 +182,16 @@ def context_partials(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, tiles: Tiles = Til
     return o_part, l_part
 
 
-def prefix_partials(q: Tensor, k_pre: Tensor, v_pre: Tensor, k_prm: Tensor, v_prm: Tensor, prm_len: Tensor,
-                    tiles: Tiles = Tiles()) -> tuple[Tensor, Tensor]:
-    """Launch 1 for several prompts (bifurcated.prefix_attention): the prefix's splits over all
-    rows, then each prompt's splits over its own rows, in one pair of buffers for the merge."""
-    B, H, _, D = q.shape  # q (B, H, 1, D) contiguous, prompt-major; k_pre (Hkv, Mp, D); k_prm (P, Hkv, L, D)
+def prefix_levels(q: Tensor, k_pre: Tensor, v_pre: Tensor, k_prm: Tensor, v_prm: Tensor, prm_len: Tensor,
+                  tiles: Tiles = Tiles()) -> list[Level]:
+    """Several prompts (bifurcated.prefix_attention): the prefix's splits over all rows (none if it
+    is empty), then each prompt's splits over its own rows."""
+    B, H, _, D = q.shape  # q (B, H, 1, D) prompt-major; k_pre (Hkv, Mp, D); k_prm (P, Hkv, L, D)
     Np, Hkv, L, _ = k_prm.shape
     G, Mp, n_sm = H // Hkv, k_pre.size(1), num_sms(q)
-    pre = context_plan(B * G, Mp, Hkv, n_sm, tiles) if Mp else None
-    own = context_plan(B // Np * G, L, Hkv * Np, n_sm, tiles)  # splits past a short prompt's end hold no key
-    P1 = pre[1] if pre else 0
-    o_part, l_part = new_partials(P1 + own[1], q, Hkv)
-    if pre:
-        launch_context(q, k_pre, v_pre, None, o_part, l_part, 0, pre, tiles)
-    launch_context(q, k_prm, v_prm, prm_len, o_part, l_part, P1, own, tiles)
-    return o_part, l_part
+    pre = [Level(k_pre, v_pre, None, context_plan(B * G, Mp, Hkv, n_sm, tiles))] if Mp else []
+    # splits past a short prompt's end hold no key
+    return pre + [Level(k_prm, v_prm, prm_len, context_plan(B // Np * G, L, Hkv * Np, n_sm, tiles))]
 
 
 def num_sms(q: Tensor) -> int:
@@ -183,8 +206,9 @@ def new_partials(P: int, q: Tensor, Hkv: int) -> tuple[Tensor, Tensor]:
 
 
 def launch_context(q: Tensor, k: Tensor, v: Tensor, lens: Optional[Tensor], o_part: Tensor, l_part: Tensor,
-                   split0: int, plan: tuple[int, int, int], tiles: Tiles):
-    # k, v (Hkv, M, D) for all rows, or with lens (groups, Hkv, M, D), group c filled up to lens[c]
+                   split0: int, plan: tuple[int, int, int], tiles: Tiles, up_to_slot: bool = False):
+    # k, v (Hkv, M, D) for all rows, or with lens (groups, Hkv, M, D), group c filled up to lens[c],
+    # or with up_to_slot, every group up to slot lens[0] (lens: the (1,) slot)
     B, H, _, D = q.shape
     Hkv, M = k.shape[-3], k.shape[-2]
     groups, G = 1 if lens is None else k.size(0), H // Hkv
@@ -192,19 +216,8 @@ def launch_context(q: Tensor, k: Tensor, v: Tensor, lens: Optional[Tensor], o_pa
     torch.library.wrap_triton(_context_kernel)[(triton.cdiv(B // groups * G, block_r), P, Hkv * groups)](
         q, k, v, o_part, l_part, l_part if lens is None else lens, B // groups * G, G, M, B * G, split0,
         QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=tiles.block_n,
-        LENGTHS=lens is not None, num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
-
-
-def decode_merge(q: Tensor, k_dec: Tensor, v_dec: Tensor, o_part: Tensor, l_part: Tensor, slot: Tensor) -> Tensor:
-    """Launch 2: each sample's own decode slots, merged with the context splits; (n, H, 1, D)."""
-    n, H, _, D = q.shape  # q (n, H, 1, D) contiguous; k_dec, v_dec (n, Hkv, T, D); slot (1,)
-    _, Hkv, T, _ = k_dec.shape
-    P, G = o_part.size(0), H // Hkv
-    out = torch.empty_like(q)  # (n, H, 1, D)
-    torch.library.wrap_triton(_decode_merge_kernel)[(n, H)](
-        q, k_dec, v_dec, o_part, l_part, out, slot, n * G, G, QK_SCALE=qk_scale(D), HKV=Hkv, D=D, T=T, P=P,
-        BLOCK_T=64, BLOCK_P=min(64, triton.next_power_of_2(P)), num_warps=4, num_stages=2)
-    return out
+        LENGTHS=lens is not None and not up_to_slot, SLOT=up_to_slot,
+        num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
 
 
 @torch.library.triton_op("bifurcated::decode_attention", mutates_args=())
@@ -216,4 +229,4 @@ def decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_d
 def prefix_decode_attention(q: Tensor, k_pre: Tensor, v_pre: Tensor, k_prm: Tensor, v_prm: Tensor, prm_len: Tensor,
                             k_dec: Tensor, v_dec: Tensor, slot: Tensor) -> Tensor:
     q = q.contiguous()  # (B, H, 1, D)
-    return decode_merge(q, k_dec, v_dec, *prefix_partials(q, k_pre, v_pre, k_prm, v_prm, prm_len), slot)
+    return attend_levels(q, prefix_levels(q, k_pre, v_pre, k_prm, v_prm, prm_len), k_dec, v_dec, slot)

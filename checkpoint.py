@@ -73,8 +73,6 @@ def load_model(checkpoint_path: str, device="cpu", dtype=torch.float32,
     model.load_state_dict({k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}, assign=True)
     if prepare is not None:
         model = prepare(model).to(device)
-    if "quantization" in meta:  # int4's CUDA layout is made from the plain one, after any sharding
-        quantize.pack_for_cuda(model)
     tok_path = path.parent / TOKENIZER_FILE
     tokenizer = load_tokenizer(tok_path) if tok_path.exists() else None
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:

@@ -30,13 +30,13 @@ from torch import Tensor
 from checkpoint import CHECKPOINT_FILE, check_state_dict
 from model import ModelArgs, Transformer
 
-try:  # the fused w8a16 Triton kernel for CUDA; CPU-only installs have no Triton
-    from linear_triton import linear as int8_linear
+try:  # the fused w8a16 / w4a16 Triton kernels for CUDA; CPU-only installs have no Triton
+    from linear_triton import linear as triton_linear
 except ImportError:
-    int8_linear = None
+    triton_linear = None
 
 MODES = ("int8", "int4")
-GROUPSIZES = (32, 64, 128, 256)  # the group sizes torch's int4 kernels are built for
+GROUPSIZES = (32, 64, 128, 256)  # powers of two: whole tiles of the Triton kernels (linear_triton.py)
 DEFAULT_GROUPSIZE = 128
 
 
@@ -59,8 +59,6 @@ def check_shape(name: str, out_features: int, in_features: int, mode: str, group
         return
     if in_features % groupsize:
         raise ValueError(f"groupsize {groupsize} does not divide the input dimension {in_features} of {name}")
-    if out_features % 8:  # CUDA's int4 kernel works on tiles of 8 output channels
-        raise ValueError(f"int4 needs output dimensions divisible by 8; {name} has {out_features}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,8 +126,8 @@ class Int8Linear(nn.Module):
         self.weight = self.weight[:, start:stop].contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
-        if int8_linear is not None and x.is_cuda:  # one Triton kernel: 1 byte read per weight
-            return int8_linear(x, self.weight, self.scales)
+        if triton_linear is not None and x.is_cuda:  # one Triton kernel: 1 byte read per weight
+            return triton_linear(x, self.weight, self.scales)
         # the per-channel scale commutes with the matmul
         return F.linear(x, self.weight.to(x.dtype)) * self.scales
 
@@ -142,7 +140,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2,
                                                              dtype=torch.bfloat16))  # (K/G, N, 2)
 
-    # tensor parallelism (tp.py), on the checkpoint's (N, K/2) layout, before pack_for_cuda
+    # tensor parallelism (tp.py)
     def take_rows(self, idx: Tensor):
         self.weight = self.weight.index_select(0, idx)  # (N_local, K/2)
         self.scales_and_zeros = self.scales_and_zeros.index_select(1, idx)  # (K/G, N_local, 2)
@@ -156,22 +154,9 @@ class Int4Linear(nn.Module):
         self.scales_and_zeros = self.scales_and_zeros[start // G : stop // G].contiguous()  # (K_local/G, N, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight.dim() == 4:  # CUDA: the tensor-core tile layout made at load; the kernel takes bf16 only
-            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (B S, K)
-            y = torch._weight_int4pack_mm(x2, self.weight, self.groupsize, self.scales_and_zeros)  # (B S, N)
-            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # (B, S, N)
+        if triton_linear is not None and x.is_cuda:  # one Triton kernel: half a byte read per weight
+            return triton_linear(x, self.weight, self.scales_and_zeros, self.groupsize)
         return F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize).to(x.dtype))
-
-
-def pack_for_cuda(model: nn.Module):
-    # Once on a GPU (and sharded, under tensor parallelism), each int4 layer's (N, K/2) bytes are
-    # rearranged into the layout the int4 matmul kernel reads, (N/8, K/(16 t), 32, t/2) int32 for
-    # t inner k-tiles (the most K allows, <= 8). checkpoint.load_model calls this last.
-    for module in model.modules():
-        if isinstance(module, Int4Linear) and module.weight.is_cuda and module.weight.dim() == 2:
-            inner_k_tiles = next(t for t in (8, 4, 2) if module.in_features % (16 * t) == 0)
-            module.weight = torch._convert_weight_to_int4pack(module.weight.contiguous(), inner_k_tiles)
-            module.scales_and_zeros = module.scales_and_zeros.to(torch.bfloat16).contiguous()
 
 
 def swap_linears(model: Transformer, mode: str, groupsize: Optional[int] = None) -> Transformer:
@@ -194,7 +179,6 @@ def quantize_model(model: Transformer, mode: str, groupsize: Optional[int] = Non
     with torch.device("meta"):
         quantized = swap_linears(Transformer(model.config), mode, groupsize)
     quantized.load_state_dict({k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}, assign=True)
-    pack_for_cuda(quantized)
     return quantized.eval()
 
 

@@ -1,5 +1,5 @@
 # One decode-step linear layer alone, on a GPU: cuBLAS (bf16), the Triton kernel of linear_triton.py
-# with bf16 and int8 (w8a16) weights (its default tiles, and others with --sweep), and the plain int8
+# with bf16, int8 (w8a16) and int4 (w4a16) weights (its default tiles, and others with --sweep), and the plain int8
 # path (cast to bf16, cuBLAS, scale), each against the weight bytes it must read over the read
 # bandwidth measured in the same run. Each variant is checked against cuBLAS (bf16) or the plain
 # int8 path before it is timed. Times are CUDA-graph replays (no launch overhead) rotating over
@@ -25,12 +25,15 @@ import triton.testing
 
 import quantize
 from bench_attention import read_bandwidth, write_results
-from linear_triton import Tiles, run_linear
+from linear_triton import Tiles, default_tiles, run_linear
 
-SHAPES = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w1": (11008, 4096), "w2": (4096, 11008), "w13": (22016, 4096)}
-SWEEP = [t for t in (Tiles(block_n=n, waves=w, stages=s) for n, w, s in itertools.product((32, 64, 128), (1, 2, 4), (3, 4)))
-         if t != Tiles()] + [Tiles(block_k=64), Tiles(block_k=512), Tiles(warps=8), Tiles(block_n=128, warps=8),
-                             Tiles(swap_ab=False), Tiles(block_n=128, swap_ab=False)]
+SHAPES = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w1": (11008, 4096), "w2": (4096, 11008), "w13": (22016, 4096),
+          "output": (32000, 4096)}
+SWEEP = [Tiles(block_n=n, block_k=k, waves=w, stages=s, warps=nw)
+         for n, k, w, s, nw in [(16, 256, 2, 4, 4), (16, 512, 2, 3, 4), (32, 256, 2, 4, 4), (32, 256, 2, 3, 4),
+                                (32, 128, 4, 4, 4), (32, 128, 1, 6, 4), (32, 128, 2, 6, 4), (32, 512, 2, 3, 8),
+                                (64, 128, 2, 4, 4), (64, 128, 1, 5, 4), (64, 256, 2, 3, 8), (64, 64, 2, 6, 4),
+                                (128, 64, 2, 4, 4), (128, 128, 2, 3, 8), (16, 128, 2, 6, 2), (32, 128, 3, 4, 4)]]
 
 
 def time_us(fn, sets: list[tuple]) -> float:
@@ -41,11 +44,11 @@ def time_us(fn, sets: list[tuple]) -> float:
 INT4_GROUP = 128
 
 
-def int4_layer(packed, scales_and_zeros):
-    layer = quantize.Int4Linear(packed.shape[1] * 2, packed.shape[0], INT4_GROUP)
-    layer.load_state_dict({"weight": packed, "scales_and_zeros": scales_and_zeros}, assign=True)
-    quantize.pack_for_cuda(layer)
-    return layer
+def torch_int4(packed, scales_and_zeros):
+    # PyTorch's own int4 matmul (tinygemm), on its tensor-core layout of the same weights
+    inner_k_tiles = next(t for t in (8, 4, 2) if packed.shape[1] * 2 % (16 * t) == 0)
+    weight = torch._convert_weight_to_int4pack(packed.contiguous(), inner_k_tiles)
+    return lambda x: torch._weight_int4pack_mm(x, weight, INT4_GROUP, scales_and_zeros)
 
 
 def cublas(x, w, s):
@@ -56,7 +59,7 @@ def plain_int8(x, w, s):  # quantize.Int8Linear's eager path
     return F.linear(x, w.to(x.dtype)) * s
 
 
-def main(shapes: list[str], samples: list[int], sweep: bool, output: str | None):
+def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool, output: str | None):
     bw = read_bandwidth()
     print(f"{torch.cuda.get_device_name()}: read {bw / 1e9:.0f} GB/s")
     print("| layer | N | K | M | path | tiles | us | GB/s | % of read bandwidth |")
@@ -69,22 +72,22 @@ def main(shapes: list[str], samples: list[int], sweep: bool, output: str | None)
         qs = [torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8) for _ in range(copies)]  # (N, K)
         ss = [(torch.rand(N, device="cuda") * 1e-3).to(torch.bfloat16) for _ in range(copies)]  # (N,)
         q4 = [quantize.quantize_int4(w, INT4_GROUP) for w in ws]  # (N, K/2) uint8, (K/G, N, 2)
-        torch_int4 = [int4_layer(*q) for q in q4]  # PyTorch's int4 kernel, as quantize.Int4Linear runs it
+        torch_int4s = [torch_int4(*q) for q in q4]
         for M in samples:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)  # (M, K)
             kinds = {"bf16": ([(x, w, None) for w in ws], 2 * N * K), "int8": (list(zip([x] * copies, qs, ss)), N * K),
                      "int4": ([(x, *q) for q in q4], N * K // 2 + 4 * N * K // INT4_GROUP),
-                     "torch int4": ([(x, layer) for layer in torch_int4], N * K // 2 + 4 * N * K // INT4_GROUP)}
+                     "torch int4": ([(x, mm) for mm in torch_int4s], N * K // 2 + 4 * N * K // INT4_GROUP)}
             expected = {"bf16": cublas(*kinds["bf16"][0][0]).float(), "int8": plain_int8(*kinds["int8"][0][0]).float(),
                         "int4": (x @ quantize.dequantize_int4(*q4[0], INT4_GROUP).t().to(x.dtype)).float()}
             expected["torch int4"] = expected["int4"]
-            tiles = [Tiles()] + (SWEEP if sweep else [])
+            tiles = lambda kind: [default_tiles(kind, N)] + [t for t in SWEEP if sweep and t != default_tiles(kind, N)]
             paths = ([("cublas", "bf16", cublas, None), ("plain int8", "int8", plain_int8, None),
-                      ("torch int4", "torch int4", lambda x, layer: layer(x), None)]
+                      ("torch int4", "torch int4", lambda x, mm: mm(x), None)]
                      + [(f"triton {kind}", kind, lambda *a, t=t: run_linear(*a, tiles=t), t) for kind in ("bf16", "int8")
-                        for t in tiles]
+                        if kind in weights for t in tiles(kind)]
                      + [("triton int4", "int4", lambda *a, t=t: run_linear(*a, tiles=t, group=INT4_GROUP), t)
-                        for t in tiles])
+                        for t in (tiles("int4") if "int4" in weights else [])])
             for path, kind, fn, t in paths:
                 sets, nbytes = kinds[kind]
                 try:
@@ -121,6 +124,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Time one decode-step linear layer on a GPU.")
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     p.add_argument("--samples", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--weights", nargs="+", choices=["bf16", "int8", "int4"], default=["bf16", "int8", "int4"],
+                   help="weights of the Triton kernel to time (the baselines are always timed)")
     p.add_argument("--sweep", action="store_true", help=f"also time {len(SWEEP)} other tile choices")
     p.add_argument("--output", help="write every number to this JSON file")
     args = p.parse_args()

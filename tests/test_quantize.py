@@ -243,23 +243,22 @@ def test_bad_input_is_one_line_error(case, ckpt, narrow_ckpt, cli_files):
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU: torch's int4 kernel on the checkpoint layout == the plain path
+# GPU: the int4 layer's Triton kernels (decode rows; dequantize + cuBLAS for prefill rows) == the plain path
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("groupsize", quantize.GROUPSIZES)
-@pytest.mark.parametrize("K", [96, 320, 768, 11008])  # 2, 4 and 8 inner k-tiles
-def test_int4_cuda_kernel_equals_plain_path(groupsize, K):
+@pytest.mark.parametrize("K", [96, 320, 768, 11008])
+@pytest.mark.parametrize("rows", [7, 100])  # the decode kernel; above linear_triton.MAX_M, the prefill path
+def test_int4_cuda_kernel_equals_plain_path(groupsize, K, rows):
     if K % groupsize:
         pytest.skip("groupsize does not divide K")
     w = weights(6, N=136, K=K)
     packed, sz = quantize.quantize_int4(w, groupsize)
-    x = torch.randn(3, 7, K, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
-    ref = x.float() @ quantize.dequantize_int4(packed, sz, groupsize).t()  # (3, 7, N), fp32
+    x = torch.randn(3, rows, K, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    ref = x.float() @ quantize.dequantize_int4(packed, sz, groupsize).t()  # (3, rows, N), fp32
     layer = quantize.Int4Linear(K, 136, groupsize)
     layer.load_state_dict({"weight": packed.cuda(), "scales_and_zeros": sz.cuda()}, assign=True)
-    quantize.pack_for_cuda(layer)  # as checkpoint.load_model does last
-    assert layer.weight.dim() == 4  # repacked for the kernel
     out = layer(x.cuda())
-    assert out.shape == (3, 7, 136) and out.dtype == torch.bfloat16
+    assert out.shape == (3, rows, 136) and out.dtype == torch.bfloat16
     assert rel_err(out.cpu(), ref) < 1e-2
 
 
