@@ -59,7 +59,7 @@ def load_model(checkpoint_path: str, device="cpu", dtype=torch.float32,
             if "config" not in meta:
                 raise ValueError(f"checkpoint {path} records no config; convert it with scripts/convert_hf_checkpoint.py")
             config = ModelArgs.from_json(meta["config"])
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = read_tensors(f)
     except (SafetensorError, json.JSONDecodeError, TypeError) as e:
         raise ValueError(f"cannot read checkpoint {path}: {e}") from None
     with torch.device("meta"):
@@ -73,11 +73,31 @@ def load_model(checkpoint_path: str, device="cpu", dtype=torch.float32,
     model.load_state_dict({k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}, assign=True)
     if prepare is not None:
         model = prepare(model).to(device)
+    fast_linears(model)
     tok_path = path.parent / TOKENIZER_FILE
     tokenizer = load_tokenizer(tok_path) if tok_path.exists() else None
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens, the model only {config.vocab_size}")
     return model.eval(), tokenizer
+
+
+def read_tensors(f) -> dict:
+    """Every tensor of an open safetensors file. Files written before the MLP's gate and up
+    projections were fused keep them apart as w1 and w3: joined here into w13 (quantized ones with
+    their scales, whose output channels are dim 1 in int4's (K/G, N, 2) scales_and_zeros)."""
+    state = {k: f.get_tensor(k) for k in f.keys()}
+    for name in [k for k in state if ".feed_forward.w1." in k]:
+        dim = 1 if name.endswith("scales_and_zeros") else 0
+        state[name.replace(".w1.", ".w13.")] = torch.cat([state.pop(name), state.pop(name.replace(".w1.", ".w3."))], dim)
+    return state
+
+
+def fast_linears(model: Transformer):
+    # on CUDA, the wide bf16 layers' decode rows go to the Triton kernel (linear_triton.py)
+    if model.output.weight.is_cuda:
+        from linear_triton import use_for_wide_layers
+
+        use_for_wide_layers(model)
 
 
 def check_state_dict(model: Transformer, state: dict, path: Path):
@@ -108,4 +128,5 @@ def synthetic_model(name: str, device: torch.device, dtype: torch.dtype,
             torch.nn.init.ones_(p)
         else:  # normal(0, 0.02), never zeros: zeros run faster than real weights
             torch.nn.init.normal_(p, 0.0, 0.02, generator=gen)
+    fast_linears(model)
     return model.eval()

@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
 MAX_M = 64  # above this (prefill) the product is compute-bound: cuBLAS does it
+WIDE = 8192  # output channels from which a layer counts as wide (tiles; bf16 layers the kernel takes)
 
 
 @triton.jit
@@ -106,9 +108,9 @@ class Tiles:
 
 def default_tiles(kind: str, N: int) -> Tiles:
     # The fastest of `scripts/bench_linear.py --sweep` on an H100 for Llama-2-7B's decode shapes at
-    # 1 and 32 rows (bench/results/h100-80gb-hbm3/linear.md): wide layers (wqkv, w1/w3) stream best with
+    # 1 and 32 rows (bench/results/h100-80gb-hbm3/linear.md): wide layers (wqkv, w13) stream best with
     # few, long programs; narrow ones (wo, w2: N = 4096) need more splits of K to fill the SMs.
-    wide = N >= 8192
+    wide = N >= WIDE
     if kind == "int8":
         return Tiles(block_k=256, stages=3) if wide else Tiles(block_k=128, waves=3)
     if kind == "int4":
@@ -174,3 +176,27 @@ def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: in
     # scales and zero points (K/group, N, 2); y in x's dtype
     y = run_linear(x.reshape(-1, x.shape[-1]), weight, scales, group=group)  # (M, N)
     return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., N)
+
+
+class WideLinear(nn.Module):
+    """A bf16 (or fp16) nn.Linear whose decode rows run the Triton kernel: for wide layers (wqkv, w13,
+    the output head) it streams the weight faster than cuBLAS; for N = 4096 cuBLAS is faster
+    (bench/results/h100-80gb-hbm3/linear.md). Same `weight`, so the state dict is unchanged."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight  # (N, K)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight)
+
+
+def use_for_wide_layers(model: nn.Module):
+    """Swap every bf16/fp16 CUDA nn.Linear with at least WIDE outputs (after any tensor parallel
+    sharding) for a WideLinear."""
+    for name, module in list(model.named_modules()):
+        if (type(module) is nn.Linear and module.out_features >= WIDE and module.weight.is_cuda
+                and module.weight.dtype in (torch.bfloat16, torch.float16)):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, WideLinear(module.weight))

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from checkpoint import CHECKPOINT_FILE, check_state_dict
+from checkpoint import CHECKPOINT_FILE, check_state_dict, fast_linears, read_tensors
 from model import ModelArgs, Transformer
 
 try:  # the fused w8a16 / w4a16 Triton kernels for CUDA; CPU-only installs have no Triton
@@ -179,6 +179,7 @@ def quantize_model(model: Transformer, mode: str, groupsize: Optional[int] = Non
     with torch.device("meta"):
         quantized = swap_linears(Transformer(model.config), mode, groupsize)
     quantized.load_state_dict({k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}, assign=True)
+    fast_linears(quantized)  # the output head, as checkpoint.load_model has it
     return quantized.eval()
 
 
@@ -220,7 +221,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
             if "config" not in meta:
                 raise ValueError(f"checkpoint {path} records no config; convert it with scripts/convert_hf_checkpoint.py")
             config = ModelArgs.from_json(meta["config"])
-            state = {k: f.get_tensor(k) for k in f.keys()}  # in the file's own dtypes
+            state = read_tensors(f)  # in the file's own dtypes
     except (SafetensorError, json.JSONDecodeError, TypeError) as e:
         raise ValueError(f"cannot read checkpoint {path}: {e}") from None
     with torch.device("meta"):

@@ -1,6 +1,6 @@
 # Tensor parallelism over torch.distributed, applied to a loaded plain model (one process per GPU,
 # launched with torchrun; gloo on CPU). Attention is split by heads and the MLP by its hidden
-# width (Megatron style): wqkv and w1/w3 keep this rank's rows (column-parallel), wo and w2 this
+# width (Megatron style): wqkv and w13 keep this rank's rows (column-parallel), wo and w2 this
 # rank's columns (row-parallel), and one all-reduce after each sums the partial outputs. Each
 # rank's caches then hold only its KV heads; bifurcated attention runs unchanged on them. The
 # embedding, norms and output head are replicated, so every rank holds the same logits and, with
@@ -72,8 +72,8 @@ def apply_tp(model: Transformer, rank: int, world: int) -> Transformer:
         take_rows(attn.wqkv, qkv)  # column parallel
         take_cols(attn.wo, rank * Hl * D, (rank + 1) * Hl * D)  # row parallel: partial sums
         attn.n_head, attn.n_kv_heads = Hl, len(kv)
-        take_rows(ff.w1, arange(rank * Fl, (rank + 1) * Fl))
-        take_rows(ff.w3, arange(rank * Fl, (rank + 1) * Fl))
+        # this rank's gate rows, then its up rows, of the fused w13
+        take_rows(ff.w13, torch.cat([arange(rank * Fl, (rank + 1) * Fl), F + arange(rank * Fl, (rank + 1) * Fl)]))
         take_cols(ff.w2, rank * Fl, (rank + 1) * Fl)
         for module in (attn, ff):
             module.register_forward_hook(all_reduce_output)

@@ -73,8 +73,9 @@ def measure_rates(device: torch.device, dtype: torch.dtype, read_bytes: int, mat
 
 
 def linear_params(model: nn.Module) -> int:
-    # every linear layer and the output head; the embedding reads only n rows per step
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    # every linear layer (cuBLAS's or linear_triton's) and the output head: the 2-D weights but the
+    # embedding, which a step reads only n rows of
+    return sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and name != "tok_embeddings.weight")
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -315,16 +316,25 @@ def plot(path: Path, result: dict) -> bool:
     return True
 
 
+def config_key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in ("kind", "model", "weights", "context", "n", "attention", "prompt_tokens",
+                                      "max_new_tokens", "prompts", "prefix"))
+
+
 def merge(files: list[str], out_dir: str, tag: str) -> Path:
-    """One table and one plot from the rows of several runs on one GPU (a sweep too long for one sitting)."""
+    """One table and one plot from the rows of several runs on one GPU (a sweep too long for one sitting);
+    where two files measured the same configuration, the later file's row is kept."""
     results = [json.loads(Path(f).read_text()) for f in files]
     gpus = sorted({r["gpu"] for r in results})
     if len(gpus) != 1:
         raise ValueError(f"results from more than one GPU: {', '.join(gpus)}")
     sources = [{k: v for k, v in r.items() if k != "rows"} for r in results]
+    rows = {}  # a configuration measured again in a later file replaces the earlier row
+    for row in (row for r in results for row in r["rows"]):
+        rows.pop(config_key(row), None)
+        rows[config_key(row)] = row
     result = dict(gpu=gpus[0], command=shlex.join(["python"] + sys.argv), sources=sources,
-                  dtype=results[0]["dtype"], max_new_tokens=results[0]["max_new_tokens"],
-                  rows=[row for r in results for row in r["rows"]])
+                  dtype=results[0]["dtype"], max_new_tokens=results[0]["max_new_tokens"], rows=list(rows.values()))
     stem = Path(out_dir) / gpu_slug(gpus[0]) / tag
     stem.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")

@@ -1,6 +1,6 @@
 # Convert a Hugging Face Llama-family checkpoint (config.json + *.safetensors or
 # pytorch_model*.bin) into this project's format: one model.safetensors with Meta's parameter
-# names, fused wqkv, q/k rows permuted to Meta's interleaved RoPE layout, and the ModelArgs
+# names, fused wqkv and w13, q/k rows permuted to Meta's interleaved RoPE layout, and the ModelArgs
 # recorded in the file's metadata; tokenizer.model is copied beside it when there is one.
 import json
 import os
@@ -20,11 +20,9 @@ from checkpoint import CHECKPOINT_FILE
 from model import ModelArgs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# Hugging Face names, within one layer, mapped to Meta's (q, k, v are fused separately)
+# Hugging Face names, within one layer, mapped to Meta's (q, k, v and gate, up are fused separately)
 LAYER_NAMES = {
     "self_attn.o_proj.weight": "attention.wo.weight",
-    "mlp.gate_proj.weight": "feed_forward.w1.weight",
-    "mlp.up_proj.weight": "feed_forward.w3.weight",
     "mlp.down_proj.weight": "feed_forward.w2.weight",
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -179,6 +177,8 @@ def convert(checkpoint_dir, output_dir=None, dtype: Optional[str] = None) -> Pat
         wk = permute_rope(get(p + "self_attn.k_proj.weight"), args.n_kv_heads, args.head_dim)  # (Hkv D, C)
         wv = get(p + "self_attn.v_proj.weight")  # (Hkv D, C)
         out[f"layers.{i}.attention.wqkv.weight"] = torch.cat([wq, wk, wv], dim=0)  # ((H + 2 Hkv) D, C)
+        gate_up = [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]  # (F, C) each
+        out[f"layers.{i}.feed_forward.w13.weight"] = torch.cat(gate_up, dim=0)  # (2F, C)
         for hf_name, meta_name in LAYER_NAMES.items():
             out[f"layers.{i}.{meta_name}"] = get(p + hf_name)
     out["norm.weight"] = get("model.norm.weight")  # (C,)

@@ -95,6 +95,13 @@ def test_merge_joins_runs(tmp_path, plan_calls):
     result, table = read_results(tmp_path)
     assert [r["context"] for r in result["rows"]] == [64, 100] and len(result["sources"]) == 2
     assert "Rows from these runs" in table and table.count("| tiny-gqa |") == 2
+    rerun = json.loads(Path(runs[0]).read_text())  # the M = 64 run again, later: its row replaces the first
+    rerun["rows"] = [dict(row, ms_per_step=123.0) for row in rerun["rows"]]
+    Path(tmp_path / "c.json").write_text(json.dumps(rerun))
+    benchmark.merge(runs + [str(tmp_path / "c.json")], str(tmp_path), "sweep")
+    result, _ = read_results(tmp_path)
+    decode = [r for r in result["rows"] if r["kind"] == "decode"]
+    assert [(r["context"], r["ms_per_step"] == 123.0) for r in decode] == [(100, False), (64, True)]
     other = json.loads(Path(runs[1]).read_text())
     Path(runs[1]).write_text(json.dumps(dict(other, gpu="NVIDIA H200")))
     with pytest.raises(ValueError, match="more than one GPU"):
@@ -105,7 +112,7 @@ def test_step_cost_by_hand():
     # tiny-gqa: L=2, H=4, Hkv=2, D=16; fp32; n=3, M=100, T=8
     config = ModelArgs.from_name("tiny-gqa")
     model, _ = generate.load_model("synthetic:tiny-gqa")
-    params = 2 * ((4 + 2 * 2) * 16 * 64 + 64 * 64 + 3 * 176 * 64) + 512 * 64  # wqkv, wo, w1/w2/w3; output
+    params = 2 * ((4 + 2 * 2) * 16 * 64 + 64 * 64 + 3 * 176 * 64) + 512 * 64  # wqkv, wo, w13 + w2; output
     assert benchmark.linear_params(model) == params == 124928
     kv = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, D 16, 4 bytes: 512 bytes per token
     decode = kv * 3 * 8 / 2  # 3 samples, on average T / 2 = 4 of their own tokens

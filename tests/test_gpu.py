@@ -118,3 +118,20 @@ def test_many_prompts_compiled_matches_eager():
     runs = [[g.tokens for g in generate_many(model, prompts, prefix, num_samples=4, max_new_tokens=16,
                                              temperature=0.0, compile=c)] for c in (False, True)]
     assert runs[0] == runs[1]
+
+
+def test_wide_layers_on_triton_match_cublas():
+    # checkpoint.load_model puts the wide bf16 layers (here w13 and the output head) on the Triton kernel
+    linear_triton = pytest.importorskip("linear_triton")
+    cfg = dataclasses.replace(ModelArgs.from_name("tiny-gqa"), vocab_size=8192, intermediate_size=4096)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(cfg).to(torch.bfloat16).eval()
+    model.setup(16)
+    idx, pos = torch.randint(0, cfg.vocab_size, (4, 16), device="cuda"), torch.arange(16, device="cuda")
+    with torch.no_grad():
+        ref = model(idx, pos)  # cuBLAS
+        linear_triton.use_for_wide_layers(model)
+        assert isinstance(model.output, linear_triton.WideLinear)
+        assert isinstance(model.layers[0].feed_forward.w13, linear_triton.WideLinear)
+        assert rel_err(model(idx, pos), ref) < 1e-2  # 64 rows: the Triton kernel

@@ -166,7 +166,7 @@ def test_swap_on_meta_matches_quantized_state(mode, groupsize):
         # integer weights as stored; scales bf16 in the file, in the model dtype once loaded
         assert t.dtype == state[k].dtype or (t.is_floating_point() and state[k].dtype == torch.bfloat16)
     kind = quantize.Int8Linear if mode == "int8" else quantize.Int4Linear
-    assert sum(isinstance(m, kind) for m in model.modules()) == 5 * CONFIG.n_layer
+    assert sum(isinstance(m, kind) for m in model.modules()) == 4 * CONFIG.n_layer  # wqkv, wo, w13, w2
     assert isinstance(model.output, torch.nn.Linear) and isinstance(model.tok_embeddings, torch.nn.Embedding)
 
 
@@ -190,6 +190,20 @@ def test_renamed_file_loads_by_metadata(cli_files, tmp_path):
     assert model.layers[0].feed_forward.w2.groupsize == 128
     same, _ = load_model(str(cli_files["int4"]))
     assert torch.equal(logits(model), logits(same))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_file_with_separate_w1_w3_loads(cli_files, tmp_path, mode):
+    # files written before the gate and up projections were fused into w13 still load, the same model
+    with safe_open(str(cli_files[mode]), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for name in [k for k in state if ".feed_forward.w13." in k]:
+        dim = 1 if name.endswith("scales_and_zeros") else 0
+        state[name.replace(".w13.", ".w1.")], state[name.replace(".w13.", ".w3.")] = state.pop(name).chunk(2, dim)
+    save_file({k: t.contiguous() for k, t in state.items()}, str(tmp_path / "old.safetensors"), metadata=meta)
+    old, _ = load_model(str(tmp_path / "old.safetensors"))
+    same, _ = load_model(str(cli_files[mode]))
+    assert torch.equal(logits(old), logits(same))
 
 
 def test_metadata_and_sizes(ckpt, cli_files):
