@@ -1,9 +1,10 @@
 # One decode-step linear layer alone, on a GPU: cuBLAS (bf16), the Triton kernel of linear_triton.py
-# with bf16, int8 (w8a16) and int4 (w4a16) weights (its default tiles, and others with --sweep), and the plain int8
-# path (cast to bf16, cuBLAS, scale), each against the weight bytes it must read over the read
-# bandwidth measured in the same run. Each variant is checked against cuBLAS (bf16) or the plain
-# int8 path before it is timed. Times are CUDA-graph replays (no launch overhead) rotating over
-# enough weight copies (> 200 MB) that no weight is served from L2, as in a real step.
+# with bf16, int8 (w8a16) and int4 (w4a16) weights (its default tiles, and others with --sweep), the
+# plain int8 path (cast to bf16, cuBLAS, scale) and PyTorch's own int4 kernel, each against the weight
+# bytes it must read over the read bandwidth measured in the same run. Each variant is checked against
+# cuBLAS (bf16), the plain int8 path or the dequantized int4 weight before it is timed. Times are
+# CUDA-graph replays (no launch overhead) rotating over enough weight copies (> 200 MB) that no weight
+# is served from L2, as in a real step.
 #
 #   python scripts/bench_linear.py                                   # Llama-2-7B's decode shapes
 #   python scripts/bench_linear.py --shapes wo w2 --samples 1 32 --sweep --output linear.json
