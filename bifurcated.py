@@ -5,9 +5,11 @@
 # tokens. Standard: the context is copied into every sample's row, as a plain batched engine
 # does; kept as the baseline (`--attention standard`).
 #
-# Both are the model's attention seam: called with q, k, v and input_pos, they store k and v and
-# return the attention output. input_pos is (S,) in prefill (the prompt, batch 1) and () in a
-# decode step (one new token for each of the n samples, all at the same position).
+# Both are the model's attention seam: called with q, k, v (before RoPE), the positions' rotation
+# freqs_cis and input_pos, they rotate q and k, store k and v and return the attention output.
+# input_pos is (S,) in prefill (the prompt, batch 1) and () in a decode step (one new token for each
+# of the n samples, all at the same position). On the GPU a decode step rotates and stores in one
+# kernel (bifurcated_triton.rope_store).
 #
 # Dimension letters: n samples, M context (prompt) length, T decode capacity (max new tokens),
 # H query heads, Hkv key/value heads, g = H / Hkv query heads per KV head, D head dim.
@@ -18,12 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import causal_attention
+from model import causal_attention, rotate_heads_first
 
 try:  # the fused Triton kernels for CUDA; CPU-only installs have no Triton and use the reference
-    from bifurcated_triton import decode_attention, prefix_decode_attention
+    from bifurcated_triton import decode_attention, prefix_decode_attention, rope_store
 except ImportError:
-    decode_attention = prefix_decode_attention = None
+    decode_attention = prefix_decode_attention = rope_store = None
 
 
 def fast(q: Tensor) -> bool:  # the Triton kernels: CUDA, a head dim the tiles take
@@ -43,18 +45,23 @@ class BifurcatedCache(nn.Module):
         self.register_buffer("k_dec", torch.zeros(dec_shape, dtype=dtype), persistent=False)
         self.register_buffer("v_dec", torch.zeros(dec_shape, dtype=dtype), persistent=False)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
-        if input_pos.dim() == 1:  # prefill: q (1, H, M, D), k, v (1, Hkv, M, D)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> Tensor:
+        if input_pos.dim() == 1:  # prefill: q (1, H, M, D), k, v (1, Hkv, M, D) once rotated
+            q, k, v = rotate_heads_first(q, k, v, freqs_cis)
             check_prefill(q, self.context_len)
             self.k_ctx.copy_(k[0])
             self.v_ctx.copy_(v[0])
             return causal_attention(q, k, v)
-        # decode: q (n, H, 1, D), k, v (n, Hkv, 1, D); slot of this step in the decode part
-        slot = (input_pos - self.context_len).view(1)  # (1,), a device tensor: no host sync
-        self.k_dec.index_copy_(2, slot, k)
-        self.v_dec.index_copy_(2, slot, v)
-        attend = decode_attention if fast(q) else bifurcated_attention
-        return attend(q, self.k_ctx, self.v_ctx, self.k_dec, self.v_dec, slot)
+        # decode: q (n, 1, H, D), k, v (n, 1, Hkv, D); this step's slot in the decode part is
+        # input_pos - M, a device tensor: no host sync
+        M = self.context_len
+        if fast(q):  # the kernels take the position and M: no slot computed apart in every layer
+            pos = input_pos.view(1)
+            q = rope_store(q, k, v, freqs_cis, self.k_dec, self.v_dec, pos, M)  # (n, H, 1, D)
+            return decode_attention(q, self.k_ctx, self.v_ctx, self.k_dec, self.v_dec, pos, M)
+        slot = (input_pos - M).view(1)  # (1,)
+        q = store_decode(q, k, v, freqs_cis, self.k_dec, self.v_dec, slot)
+        return bifurcated_attention(q, self.k_ctx, self.v_ctx, self.k_dec, self.v_dec, slot)
 
 
 class StandardCache(nn.Module):
@@ -66,7 +73,8 @@ class StandardCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> Tensor:
+        q, k, v = rotate_heads_first(q, k, v, freqs_cis)  # (B, H, S, D), (B, Hkv, S, D) x 2
         if input_pos.dim() == 1:  # prefill once, then copy the context into every sample's row
             check_prefill(q, self.context_len)
             self.k[:, :, : self.context_len] = k  # (1, Hkv, M, D) broadcast to (n, Hkv, M, D)
@@ -96,27 +104,30 @@ class PrefixCache(nn.Module):
             self.register_buffer("v_" + name, torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("prm_len", torch.tensor(prompt_lens), persistent=False)  # (P,)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> Tensor:
         Mp = self.prefix_len
-        if input_pos.dim() == 1 and self.filling is None:  # the prefix, batch 1, from position 0
+        if input_pos.dim() == 2:  # decode: input_pos (P n, 1), each row's position; the slot is the same for all
+            caches = self.k_pre, self.v_pre, self.k_prm, self.v_prm, self.prm_len, self.k_dec, self.v_dec
+            if fast(q):  # the kernels read the slot as input_pos[0, 0] - start
+                pos, start = input_pos.view(-1), Mp + self.prompt_lens[0]
+                q = rope_store(q, k, v, freqs_cis, self.k_dec, self.v_dec, pos, start)
+                return prefix_decode_attention(q, *caches, pos, start)
+            slot = (input_pos[0, 0] - Mp - self.prm_len[0]).view(1)  # (1,), a device tensor: no host sync
+            return prefix_attention(store_decode(q, k, v, freqs_cis, self.k_dec, self.v_dec, slot), *caches, slot)
+        q, k, v = rotate_heads_first(q, k, v, freqs_cis)  # (1, H, S, D), (1, Hkv, S, D) x 2
+        if self.filling is None:  # the prefix, batch 1, from position 0
             check_prefill(q, Mp)
             self.k_pre.copy_(k[0])
             self.v_pre.copy_(v[0])
             return causal_attention(q, k, v)
-        if input_pos.dim() == 1:  # prompt p, batch 1, continuing the prefix: [prefix ; causal own]
-            p, L = self.filling, self.prompt_lens[self.filling]
-            check_prefill(q, L)
-            self.k_prm[p, :, :L] = k[0]
-            self.v_prm[p, :, :L] = v[0]
-            keys = torch.cat([self.k_pre[None], k], dim=2), torch.cat([self.v_pre[None], v], dim=2)
-            mask = torch.ones(L, Mp + L, dtype=torch.bool, device=q.device).tril(Mp)  # (L, Mp + L)
-            return F.scaled_dot_product_attention(q, *keys, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
-        # decode: input_pos (P n, 1), each row's position; the slot of this step is the same for all
-        slot = (input_pos[0, 0] - Mp - self.prm_len[0]).view(1)  # (1,), a device tensor: no host sync
-        self.k_dec.index_copy_(2, slot, k)
-        self.v_dec.index_copy_(2, slot, v)
-        attend = prefix_decode_attention if fast(q) else prefix_attention
-        return attend(q, self.k_pre, self.v_pre, self.k_prm, self.v_prm, self.prm_len, self.k_dec, self.v_dec, slot)
+        # prompt p, batch 1, continuing the prefix: [prefix ; causal own]
+        p, L = self.filling, self.prompt_lens[self.filling]
+        check_prefill(q, L)
+        self.k_prm[p, :, :L] = k[0]
+        self.v_prm[p, :, :L] = v[0]
+        keys = torch.cat([self.k_pre[None], k], dim=2), torch.cat([self.v_pre[None], v], dim=2)
+        mask = torch.ones(L, Mp + L, dtype=torch.bool, device=q.device).tril(Mp)  # (L, Mp + L)
+        return F.scaled_dot_product_attention(q, *keys, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
 
 
 CACHES = {"bifurcated": BifurcatedCache, "standard": StandardCache}
@@ -130,6 +141,17 @@ def make_caches(attention: str, config, n: int, context_len: int, max_new_tokens
     with torch.device(device):
         return [CACHES[attention](n, config.n_kv_heads, config.head_dim, context_len, max_new_tokens, dtype)
                 for _ in range(config.n_layer)]
+
+
+def store_decode(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, k_dec: Tensor, v_dec: Tensor,
+                 slot: Tensor) -> Tensor:
+    """A decode step's q, k, v (B, 1, H or Hkv, D): rotate q and k, store k and v in the samples'
+    slot of k_dec, v_dec (B, Hkv, T, D); returns q, rotated, (B, H, 1, D). Plain PyTorch: the
+    reference of bifurcated_triton.rope_store."""
+    q, k, v = rotate_heads_first(q, k, v, freqs_cis)
+    k_dec.index_copy_(2, slot, k)
+    v_dec.index_copy_(2, slot, v)
+    return q
 
 
 def check_prefill(q: Tensor, context_len: int):

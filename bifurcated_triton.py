@@ -1,15 +1,16 @@
 # The fast bifurcated attention of one decode step, in Triton, registered as a custom op so that
 # torch.compile and CUDA graphs capture it. Same math as bifurcated.bifurcated_attention (the
-# plain-PyTorch reference), in three launches:
+# plain-PyTorch reference), in two launches:
 #   1. context: for KV head j, a tile of the n*g query rows that use it against a slice of the
 #      shared context (a real matrix product on tensor cores). The context is split across thread
 #      blocks (split-K) so that every SM streams a part of it; each returns its partial output,
 #      normalized, and its log-sum-exp.
-#   2. decode: the same kernel, a group of rows per sample (its g query heads) against its own
-#      filled decode slots only.
-#   3. merge: for sample i and query head h, an exact LSE merge of all the partials, in fp32.
+#   2. own + merge: for sample i and KV head j, its g query rows against its own filled decode
+#      slots, then the exact LSE merge of that with the context's partials of those rows, in fp32.
 # More levels (a prefix shared by several prompts, then each prompt's own tokens) are more
-# launches of the context kernel into the same buffers, before the decode one.
+# launches of the context kernel into the same buffers, before the last one. Where the context is
+# split many ways (few samples) or a few samples have many decode slots, the samples' own slots go
+# through the context kernel instead, split too, and a third launch merges (own_fused says which).
 # Dimension letters: n samples, M context length, T decode capacity, H query heads, Hkv KV heads,
 # g = H / Hkv, D head dim, R = n g query rows per KV head, P context splits.
 import math
@@ -25,12 +26,29 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _context_kernel(Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, QK_SCALE: tl.constexpr,
+def _attend_block(q, K, V, keys, kmask, d, m_i, l_i, acc, QK_SCALE: tl.constexpr, D: tl.constexpr):
+    # one block of keys (rows `keys` of K, V (.., D), those in kmask) folded into the online softmax
+    # of q's rows: running max m_i and sum l_i of the scores (log2 units), unnormalized output acc
+    k = tl.load(K + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
+    v = tl.load(V + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
+    s = tl.dot(q, tl.trans(k)) * QK_SCALE  # (rows, BLOCK_N)
+    s = tl.where(kmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet (a split past a prompt's end)
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _context_kernel(Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, START, QK_SCALE: tl.constexpr,
                     HKV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr, SLOT: tl.constexpr):
     # With LENGTHS, K holds one context per group of rows ((groups, Hkv, M, D), its rows those of
     # samples c R/G .. (c + 1) R/G - 1), group c filled up to Lens[c] (several prompts), or with
-    # SLOT, every group up to slot Lens[0] (the samples' own decode slots, one group per sample).
+    # SLOT, every group up to slot Lens[0] - START (the samples' own decode slots, one group per sample).
     # Else K is one context (Hkv, M, D) for all rows.
     rb, split, jc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j, c = jc % HKV, jc // HKV  # KV head, group
@@ -45,7 +63,7 @@ def _context_kernel(Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, QK_SC
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, D], tl.float32)
     if SLOT:
-        length = tl.load(Lens).to(tl.int32) + 1
+        length = tl.load(Lens).to(tl.int32) - START + 1
     elif LENGTHS:
         length = tl.load(Lens + c).to(tl.int32)
     else:
@@ -58,23 +76,49 @@ def _context_kernel(Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, QK_SC
     for n0 in range(0, stop, BLOCK_N):  # whole key blocks; the last one masked
         keys = start + n0 + tl.arange(0, BLOCK_N)
         kmask = keys < length
-        k = tl.load(K + kv + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
-        v = tl.load(V + kv + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
-        s = tl.dot(q, tl.trans(k)) * QK_SCALE  # (BLOCK_R, BLOCK_N), log2 units
-        s = tl.where(kmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet (a split past a prompt's end)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, K + kv, V + kv, keys, kmask, d, m_i, l_i, acc, QK_SCALE, D)
     # into (P, Hkv, R_ALL) from split SPLIT0 on; a split with no key: output 0, weight 0 in the merge
     part = ((SPLIT0 + split) * HKV + j) * R_ALL + c * R + rows  # (BLOCK_R,)
     seen = l_i > 0
     tl.store(O_part + part[:, None] * D + d[None, :], tl.where(seen[:, None], acc / l_i[:, None], 0.0),
              mask=rmask[:, None])
     tl.store(L_part + part, tl.where(seen, m_i + tl.math.log2(l_i), float("-inf")), mask=rmask)
+
+
+@triton.jit
+def _own_merge_kernel(Q, K, V, O_part, L_part, Out, Slot, START, T, R_ALL, P: tl.constexpr, QK_SCALE: tl.constexpr,
+                      HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    # sample c, KV head j: its G query rows against its own slots 0..Slot[0] - START of K, V (B, Hkv, T, D),
+    # then folded with the P partials (P, Hkv, R_ALL) of those rows that the context launches wrote
+    c, j = tl.program_id(0), tl.program_id(1)
+    r = tl.arange(0, BLOCK_G)  # the query heads j G + r of sample c (padded to 16 rows for the dot)
+    rmask = r < G
+    d = tl.arange(0, D)
+    q_off = ((c * HKV + j) * G + r) * D  # (BLOCK_G,) into q (B, H, 1, D)
+    q = tl.load(Q + q_off[:, None] + d[None, :], mask=rmask[:, None], other=0.0)  # (BLOCK_G, D)
+    length = tl.load(Slot).to(tl.int32) - START + 1
+    kv = (c * HKV + j).to(tl.int64) * T * D
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    for n0 in range(0, length, BLOCK_N):  # filled slots only; slot 0 always is
+        keys = n0 + tl.arange(0, BLOCK_N)
+        kmask = keys < length
+        m_i, l_i, acc = _attend_block(q, K + kv, V + kv, keys, kmask, d, m_i, l_i, acc, QK_SCALE, D)
+    # each partial is a normalized output o_p with log2-sum-exp lse_p, i.e. the unnormalized sum
+    # 2^lse_p o_p; a partial with no key has lse_p = -inf: weight 0
+    part = j * R_ALL + c * G + r  # (BLOCK_G,) into (P, Hkv, R_ALL), split 0
+    for _ in tl.static_range(P):  # unrolled: the loads of all partials go out at once
+        lse = tl.load(L_part + part, mask=rmask, other=float("-inf"))  # (BLOCK_G,)
+        o = tl.load(O_part + part[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)  # (BLOCK_G, D)
+        m_new = tl.maximum(m_i, lse)  # finite: the own part is
+        alpha = tl.math.exp2(m_i - m_new)
+        w = tl.math.exp2(lse - m_new)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m_i = m_new
+        part += HKV * R_ALL
+    tl.store(Out + q_off[:, None] + d[None, :], (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=rmask[:, None])
 
 
 @triton.jit
@@ -105,6 +149,30 @@ def _merge_kernel(O_part, L_part, Out, R, G, HKV: tl.constexpr, D: tl.constexpr,
     tl.store(Out + (i * HKV * G + h) * D + d, (acc / l_i).to(Out.dtype.element_ty))  # slot 0 is always filled
 
 
+@triton.jit
+def _rope_store_kernel(Q, K, V, Freqs, Q_out, K_dec, V_dec, Slot, START, T, ROW_Q, ROW_K, ROW_V, F_ROW,
+                       H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr):
+    # row b, heads hb HEADS .. of [H query heads; HKV key heads]: RoPE on the (2i, 2i + 1) pairs in
+    # fp32 (model.apply_rotary_emb), q out to (B, H, 1, D), k into slot Slot[0] - START of K_dec (B, Hkv, T, D);
+    # and value heads hb HEADS .. (those below HKV) copied into their slot of V_dec
+    b, hb = tl.program_id(0), tl.program_id(1)
+    h = hb * HEADS + tl.arange(0, HEADS)  # (HEADS,)
+    d = tl.arange(0, D)
+    is_q, is_k = h < H, (h >= H) & (h < H + HKV)
+    x = (tl.load(Q + b * ROW_Q + h[:, None] * D + d[None, :], mask=is_q[:, None], other=0.0).to(tl.float32)
+         + tl.load(K + b * ROW_K + (h - H)[:, None] * D + d[None, :], mask=is_k[:, None], other=0.0).to(tl.float32))
+    x0, x1 = tl.split(tl.reshape(x, (HEADS, D // 2, 2)))  # (HEADS, D/2) each
+    cos, sin = tl.split(tl.reshape(tl.load(Freqs + b * F_ROW + d), (D // 2, 2)))  # (D/2,) each
+    y = tl.reshape(tl.join(x0 * cos[None, :] - x1 * sin[None, :], x1 * cos[None, :] + x0 * sin[None, :]), (HEADS, D))
+    slot = tl.load(Slot) - START
+    tl.store(Q_out + (b * H + h[:, None]) * D + d[None, :], y.to(Q_out.dtype.element_ty), mask=is_q[:, None])
+    dec = ((b * HKV + h[:, None] - H) * T + slot) * D + d[None, :]  # (HEADS, D) into (B, Hkv, T, D)
+    tl.store(K_dec + dec, y.to(K_dec.dtype.element_ty), mask=is_k[:, None])
+    is_v = h < HKV
+    v = tl.load(V + b * ROW_V + h[:, None] * D + d[None, :], mask=is_v[:, None], other=0.0)
+    tl.store(V_dec + ((b * HKV + h[:, None]) * T + slot) * D + d[None, :], v, mask=is_v[:, None])
+
+
 @dataclass(frozen=True)
 class Tiles:
     """Launch parameters of the context kernel: the defaults serve the op; scripts/bench_attention.py
@@ -128,12 +196,12 @@ def context_plan(R: int, M: int, n_kv_heads: int, n_sm: int, tiles: Tiles = Tile
 
 
 def run_decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor,
-                         tiles: Tiles = Tiles()) -> Tensor:
+                         start: int = 0, tiles: Tiles = Tiles()) -> Tensor:
     q = q.contiguous()  # a transposed (n, 1, H, D): free, since S = 1
     n, H, _, D = q.shape
     Hkv, M, _ = k_ctx.shape
     ctx = Level(k_ctx, v_ctx, None, context_plan(n * H // Hkv, M, Hkv, num_sms(q), tiles))
-    return attend_levels(q, [ctx], k_dec, v_dec, slot, tiles)
+    return attend_levels(q, [ctx], k_dec, v_dec, slot, start, tiles)
 
 
 # softmax in base 2 (exp2 is the hardware's instruction); a constexpr, so it stays fp32 under Inductor
@@ -151,25 +219,41 @@ class Level:
     plan: tuple[int, int, int]
 
 
-def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, slot: Tensor,
+def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, slot: Tensor, start: int = 0,
                   tiles: Tiles = Tiles()) -> Tensor:
-    """Each level's splits, then each sample's own decode slots 0..slot as one more level (a group
-    per sample), into one pair of buffers; then one exact merge of them all: (B, H, 1, D)."""
-    B, H, _, D = q.shape  # q (B, H, 1, D) contiguous; k_dec, v_dec (B, Hkv, T, D); slot (1,)
+    """Each level's splits into one pair of buffers, then each sample's own decode slots 0..slot[0] - start
+    and the exact merge of them all: (B, H, 1, D)."""
+    B, H, _, D = q.shape  # q (B, H, 1, D) contiguous; k_dec, v_dec (B, Hkv, T, D); slot (1,) or more
     _, Hkv, T, _ = k_dec.shape
-    G = H // Hkv
-    own = context_plan(G, T, Hkv * B, num_sms(q), tiles)
-    o_part, l_part = new_partials(sum(lv.plan[1] for lv in levels) + own[1], q, Hkv)
+    G, n_sm = H // Hkv, num_sms(q)
+    P = sum(lv.plan[1] for lv in levels)
+    own = None if own_fused(P, B, Hkv, T, n_sm) else context_plan(G, T, Hkv * B, n_sm, tiles)
+    o_part, l_part = new_partials(P + (own[1] if own else 0), q, Hkv)
     split0 = 0
     for lv in levels:
         launch_context(q, lv.k, lv.v, lv.lens, o_part, l_part, split0, lv.plan, tiles)
         split0 += lv.plan[1]
-    launch_context(q, k_dec, v_dec, slot, o_part, l_part, split0, own, tiles, up_to_slot=True)
     out = torch.empty_like(q)  # (B, H, 1, D)
-    P = o_part.size(0)
+    if own is None:  # a program per sample and KV head: its own slots, then the merge
+        torch.library.wrap_triton(_own_merge_kernel)[(B, Hkv)](
+            q, k_dec, v_dec, o_part, l_part, out, slot, start, T, B * G, P=P, QK_SCALE=qk_scale(D), HKV=Hkv, G=G, D=D,
+            BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=tiles.block_n, num_warps=4, num_stages=2)
+        return out
+    # few samples, many slots: the own slots split over the SMs as one more level, then a merge launch
+    launch_context(q, k_dec, v_dec, slot, o_part, l_part, split0, own, tiles, up_to_slot=True, start=start)
+    P += own[1]
     torch.library.wrap_triton(_merge_kernel)[(B, H)](
         o_part, l_part, out, B * G, G, HKV=Hkv, D=D, P=P, BLOCK_P=min(64, triton.next_power_of_2(P)), num_warps=4)
     return out
+
+
+def own_fused(P: int, B: int, Hkv: int, T: int, n_sm: int) -> bool:
+    """Whether one program per sample and KV head takes its own slots (up to T) and merges its rows'
+    P context partials: where P is small and there are enough programs or short loops. Else (many
+    splits of a context: few samples; or long decodes of few samples) the own slots go through the
+    split context kernel and a merge launch. From scripts/bench_attention.py on an H100 (attention.md):
+    GQA n=256 (P=4) 137 -> 121 us; MHA n=32 (P=8) 73 -> 77 and GQA n=32 (P=32) 39 -> 79 us if fused."""
+    return P <= 4 and (B * Hkv >= n_sm or T <= 512)
 
 
 def context_partials(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, tiles: Tiles = Tiles()) -> tuple[Tensor, Tensor]:
@@ -206,27 +290,48 @@ def new_partials(P: int, q: Tensor, Hkv: int) -> tuple[Tensor, Tensor]:
 
 
 def launch_context(q: Tensor, k: Tensor, v: Tensor, lens: Optional[Tensor], o_part: Tensor, l_part: Tensor,
-                   split0: int, plan: tuple[int, int, int], tiles: Tiles, up_to_slot: bool = False):
+                   split0: int, plan: tuple[int, int, int], tiles: Tiles, up_to_slot: bool = False, start: int = 0):
     # k, v (Hkv, M, D) for all rows, or with lens (groups, Hkv, M, D), group c filled up to lens[c],
-    # or with up_to_slot, every group up to slot lens[0] (lens: the (1,) slot)
+    # or with up_to_slot, every group up to slot lens[0] - start (lens: the slot)
     B, H, _, D = q.shape
     Hkv, M = k.shape[-3], k.shape[-2]
     groups, G = 1 if lens is None else k.size(0), H // Hkv
     block_r, P, chunk = plan
     torch.library.wrap_triton(_context_kernel)[(triton.cdiv(B // groups * G, block_r), P, Hkv * groups)](
-        q, k, v, o_part, l_part, l_part if lens is None else lens, B // groups * G, G, M, B * G, split0,
+        q, k, v, o_part, l_part, l_part if lens is None else lens, B // groups * G, G, M, B * G, split0, start,
         QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=tiles.block_n,
         LENGTHS=lens is not None and not up_to_slot, SLOT=up_to_slot,
         num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
 
 
 @torch.library.triton_op("bifurcated::decode_attention", mutates_args=())
-def decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor) -> Tensor:
-    return run_decode_attention(q, k_ctx, v_ctx, k_dec, v_dec, slot)
+def decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor,
+                     start: int = 0) -> Tensor:
+    # the step's decode slot is slot[0] - start: the caches hand the position and the context length,
+    # so that no kernel computes the slot apart in every layer
+    return run_decode_attention(q, k_ctx, v_ctx, k_dec, v_dec, slot, start)
 
 
 @torch.library.triton_op("bifurcated::prefix_attention", mutates_args=())
 def prefix_decode_attention(q: Tensor, k_pre: Tensor, v_pre: Tensor, k_prm: Tensor, v_prm: Tensor, prm_len: Tensor,
-                            k_dec: Tensor, v_dec: Tensor, slot: Tensor) -> Tensor:
+                            k_dec: Tensor, v_dec: Tensor, slot: Tensor, start: int = 0) -> Tensor:
     q = q.contiguous()  # (B, H, 1, D)
-    return attend_levels(q, prefix_levels(q, k_pre, v_pre, k_prm, v_prm, prm_len), k_dec, v_dec, slot)
+    return attend_levels(q, prefix_levels(q, k_pre, v_pre, k_prm, v_prm, prm_len), k_dec, v_dec, slot, start)
+
+
+@torch.library.triton_op("bifurcated::rope_store", mutates_args={"k_dec", "v_dec"})
+def rope_store(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor,
+               start: int = 0) -> Tensor:
+    """A decode step's q, k, v (B, 1, H or Hkv, D; views of the qkv product, before RoPE) and the
+    rotation of their positions freqs_cis ((1 or B), 1, D/2, 2): q rotated, (B, H, 1, D), returned;
+    k rotated and v stored in slot slot[0] - start of k_dec, v_dec (B, Hkv, T, D). One launch:
+    bifurcated.store_decode in plain PyTorch."""
+    B, _, H, D = q.shape
+    _, Hkv, T, _ = k_dec.shape
+    f = freqs_cis.reshape(-1, D)  # (1 or B, D): cos, sin of each pair
+    out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
+    heads = 8
+    torch.library.wrap_triton(_rope_store_kernel)[(B, triton.cdiv(H + Hkv, heads))](
+        q, k, v, f, out, k_dec, v_dec, slot, start, T, q.stride(0), k.stride(0), v.stride(0), D if f.size(0) > 1 else 0,
+        H=H, HKV=Hkv, D=D, HEADS=heads, num_warps=4)
+    return out

@@ -93,11 +93,15 @@ def read_tensors(f) -> dict:
 
 
 def fast_linears(model: Transformer):
-    # on CUDA, the wide bf16 layers' decode rows go to the Triton kernel (linear_triton.py)
+    # on CUDA, the wide bf16 layers' decode rows go to the Triton kernel (linear_triton.py), and
+    # int4 layers also keep their weight for PyTorch's kernel (quantize.Int4Linear.pack_for_cuda)
     if model.output.weight.is_cuda:
         from linear_triton import use_for_wide_layers
 
         use_for_wide_layers(model)
+        for module in model.modules():
+            if hasattr(module, "pack_for_cuda"):
+                module.pack_for_cuda()
 
 
 def check_state_dict(model: Transformer, state: dict, path: Path):

@@ -16,7 +16,10 @@
 # split writes its fp32 partial (P, M, N) and the wrapper sums them: deterministic (no atomics), no
 # zero-fill, the (P, M, N) partials are small enough to stay in L2, and under torch.compile the sum
 # fuses into the next op (the residual add, the activation). With one split the kernel writes y.
+# With SWIGLU (the MLP's fused gate and up layer, w13 = [w1; w3]), each program takes BLOCK_N / 2 gate
+# rows and the matching up rows, and writes silu(gate) * up: (M, N / 2), the activation never in memory.
 # Dimension letters: M rows of x (n samples), N output channels, K input channels, P splits of K.
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,17 +30,27 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from model import swiglu as swiglu_activation
+
 MAX_M = 64  # above this (prefill) the product is compute-bound: cuBLAS does it
 WIDE = 8192  # output channels from which a layer counts as wide (tiles; bf16 layers the kernel takes)
 
 
 @triton.jit
 def _linear_kernel(X, W, S, Out, M, N, K, CHUNK, SCALED: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+                   SWIGLU: tl.constexpr):
     nb, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
-    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask, cmask = rows < M, cols < N
+    if SWIGLU:  # the weight's rows of this tile: gate f, up f, gate f + 1, up f + 1, ...
+        i = tl.arange(0, BLOCK_N)
+        f = nb * (BLOCK_N // 2) + i // 2
+        cols = f + (i % 2) * (N // 2)
+        cmask = f < N // 2
+    else:
+        cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+    rmask = rows < M
     start = split * CHUNK
     kk = tl.arange(0, BLOCK_K)
     x_ptrs = X + rows[:, None] * K + start + kk[None, :]  # (BLOCK_M, BLOCK_K)
@@ -74,8 +87,15 @@ def _linear_kernel(X, W, S, Out, M, N, K, CHUNK, SCALED: tl.constexpr, BLOCK_M: 
     acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
     if SCALED and not GROUP:  # the per-channel scale commutes with the sum over K: once, in fp32
         acc *= tl.load(S + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    out = Out + split * M * N + rows[:, None] * N + cols[None, :]  # (BLOCK_M, BLOCK_N) of (P, M, N)
-    tl.store(out, acc.to(Out.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    if SWIGLU:  # one split: y (M, N / 2) = silu(gate) * up
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # (BLOCK_M, BLOCK_N / 2) each
+        f = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        y = gate * tl.sigmoid(gate) * up
+        tl.store(Out + rows[:, None] * (N // 2) + f[None, :], y.to(Out.dtype.element_ty),
+                 mask=rmask[:, None] & (f < N // 2)[None, :])
+    else:
+        out = Out + split * M * N + rows[:, None] * N + cols[None, :]  # (BLOCK_M, BLOCK_N) of (P, M, N)
+        tl.store(out, acc.to(Out.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -130,33 +150,40 @@ def linear_plan(M: int, N: int, K: int, block_k: int, n_sm: int, tiles: Tiles) -
 
 
 def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optional[Tiles] = None,
-               group: int = 0) -> Tensor:
+               group: int = 0, swiglu: bool = False) -> Tensor:
     # x (M, K); weight (N, K) bf16 or int8 with scales (N,) or None; or with group > 0, int4:
-    # weight (N, K/2) uint8 and scales the scales and zero points (K/group, N, 2)
+    # weight (N, K/2) uint8 and scales the scales and zero points (K/group, N, 2).
+    # swiglu: weight is [gate; up] and y = silu(x gate^T) * (x up^T), (M, N / 2)
     M, K = x.shape
     N = weight.shape[0]
     if weight.shape[1] * (2 if group else 1) != K:
         raise ValueError(f"x has {K} input channels, the weight {weight.shape[1] * (2 if group else 1)}")
     if K % 16:  # keeps a K mask constant over 16 channels, so that loads stay vectorized
         raise ValueError(f"linear_triton needs K a multiple of 16, got {K}")
+    if swiglu and N % 2:
+        raise ValueError(f"swiglu needs the gate and up rows stacked, an even N, got {N}")
     if M > MAX_M:  # prefill: the weight in x's dtype, then cuBLAS
         if group:
-            return F.linear(x, dequantize_int4(weight, scales, group, x.dtype))  # (M, N)
-        y = F.linear(x, weight.to(x.dtype))  # (M, N)
-        return y if scales is None else y * scales
+            y = F.linear(x, dequantize_int4(weight, scales, group, x.dtype))  # (M, N)
+        else:
+            y = F.linear(x, weight.to(x.dtype))  # (M, N)
+            y = y if scales is None else y * scales
+        return swiglu_activation(y) if swiglu else y
     kind = "int4" if group else "int8" if scales is not None else "bf16"
     tiles = tiles or default_tiles(kind, N)
     x = x.contiguous()
     block_k = min(group, tiles.block_k or 128) if group else tiles.block_k or 256 // weight.element_size()
     n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    if swiglu:  # the activation needs the whole sum over K: one split
+        tiles = dataclasses.replace(tiles, splits=1)
     block_m, P, chunk = linear_plan(M, N, K, block_k, n_sm, tiles)
     # one split: y itself, in x's dtype; else fp32 partials (P, M, N), summed below
-    part = torch.empty((M, N) if P == 1 else (P, M, N), device=x.device,
+    part = torch.empty((M, N // 2) if swiglu else (M, N) if P == 1 else (P, M, N), device=x.device,
                        dtype=x.dtype if P == 1 else torch.float32)
     torch.library.wrap_triton(_linear_kernel)[(triton.cdiv(N, tiles.block_n), P)](
         x, weight, weight if scales is None else scales, part, M, N, K, chunk,  # S unused if not SCALED
         SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP=group,
-        EVEN_K=K % block_k == 0, num_warps=tiles.warps, num_stages=tiles.stages)
+        EVEN_K=K % block_k == 0, SWIGLU=swiglu, num_warps=tiles.warps, num_stages=tiles.stages)
     return part if P == 1 else part.sum(0).to(x.dtype)  # (M, N)
 
 
@@ -171,32 +198,38 @@ def dequantize_int4(weight: Tensor, scales_and_zeros: Tensor, group: int, dtype:
 
 
 @torch.library.triton_op("linear_triton::linear", mutates_args=())
-def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0) -> Tensor:
+def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0, swiglu: bool = False) -> Tensor:
     # x (..., K); weight (N, K) bf16, or int8 with scales (N,), or with group > 0 int4 (N, K/2) with
-    # scales and zero points (K/group, N, 2); y in x's dtype
-    y = run_linear(x.reshape(-1, x.shape[-1]), weight, scales, group=group)  # (M, N)
-    return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., N)
+    # scales and zero points (K/group, N, 2); y in x's dtype: (..., N), or with swiglu (..., N / 2)
+    y = run_linear(x.reshape(-1, x.shape[-1]), weight, scales, group=group, swiglu=swiglu)  # (M, N or N / 2)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class WideLinear(nn.Module):
     """A bf16 (or fp16) nn.Linear whose decode rows run the Triton kernel: for wide layers (wqkv, w13,
     the output head) it streams the weight faster than cuBLAS; for N = 4096 cuBLAS is faster
-    (bench/results/h100-80gb-hbm3/linear.md). Same `weight`, so the state dict is unchanged."""
+    (bench/results/h100-80gb-hbm3/linear.md). Same `weight`, so the state dict is unchanged.
+    swiglu: the MLP's [gate; up] layer, returning silu(gate) * up (model.FeedForward reads the flag)."""
 
-    def __init__(self, weight: nn.Parameter):
+    def __init__(self, weight: nn.Parameter, swiglu: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = weight  # (N, K)
+        self.swiglu = swiglu
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight)
+        return linear(x, self.weight, swiglu=self.swiglu)
 
 
 def use_for_wide_layers(model: nn.Module):
     """Swap every bf16/fp16 CUDA nn.Linear with at least WIDE outputs (after any tensor parallel
-    sharding) for a WideLinear."""
+    sharding) for a WideLinear; the MLP's gate and up layers (feed_forward.w13, plain or quantized)
+    on CUDA apply the activation in the kernel."""
     for name, module in list(model.named_modules()):
+        gate_up = name.endswith("feed_forward.w13")
         if (type(module) is nn.Linear and module.out_features >= WIDE and module.weight.is_cuda
                 and module.weight.dtype in (torch.bfloat16, torch.float16)):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, WideLinear(module.weight))
+            setattr(model.get_submodule(parent), child, WideLinear(module.weight, swiglu=gate_up))
+        elif gate_up and hasattr(module, "swiglu") and module.weight.is_cuda:  # quantize.py's layers
+            module.swiglu = True

@@ -1,6 +1,7 @@
 # A Llama-family decoder in plain PyTorch: RMSNorm, SwiGLU, RoPE (with Llama-3.1 frequency
 # scaling), MHA / GQA / MQA. It knows nothing of sampling, parallelism or quantization:
-# attention hands q, k, v to its cache object and gets the attention output back.
+# attention hands q, k, v and the positions' rotation to its cache object, which applies RoPE as it
+# stores them (on the GPU, one kernel for both), and gets the attention output back.
 #
 # Dimension letters used in shape comments:
 #   B batch (1 in prefill, n samples in decode)   S tokens in this call   V vocabulary
@@ -191,11 +192,8 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = apply_rotary_emb(q.view(B, S, H, D), freqs_cis)  # (B, S, H, D)
-        k = apply_rotary_emb(k.view(B, S, Hkv, D), freqs_cis)  # (B, S, Hkv, D)
-        v = v.view(B, S, Hkv, D)  # (B, S, Hkv, D)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D), (B, Hkv, S, D) x 2
-        y = self.kv_cache(q, k, v, input_pos)  # (B, H, S, D)
+        q, k, v = q.view(B, S, H, D), k.view(B, S, Hkv, D), v.view(B, S, Hkv, D)  # before RoPE
+        y = self.kv_cache(q, k, v, freqs_cis, input_pos)  # (B, H, S, D)
         y = y.transpose(1, 2).reshape(B, S, H * D)  # (B, S, H D)
         return self.wo(y)
 
@@ -203,8 +201,14 @@ class Attention(nn.Module):
 class CausalAttention(nn.Module):
     """No cache: causal attention over the tokens of this call alone (the reference path)."""
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
-        return causal_attention(q, k, v)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> Tensor:
+        return causal_attention(*rotate_heads_first(q, k, v, freqs_cis))
+
+
+def rotate_heads_first(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # q (B, S, H, D), k, v (B, S, Hkv, D) -> RoPE on q and k, heads first: (B, H, S, D), (B, Hkv, S, D) x 2
+    q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -220,8 +224,14 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # (C, F) down
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, S, F) each
-        return self.w2(F.silu(gate) * up)
+        if getattr(self.w13, "swiglu", False):  # the layer applies the activation (linear_triton: in its kernel)
+            return self.w2(self.w13(x))
+        return self.w2(swiglu(self.w13(x)))
+
+
+def swiglu(h: Tensor) -> Tensor:
+    gate, up = h.chunk(2, dim=-1)  # (..., F) each of (..., 2F)
+    return F.silu(gate) * up
 
 
 class RMSNorm(nn.Module):

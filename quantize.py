@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from checkpoint import CHECKPOINT_FILE, check_state_dict, fast_linears, read_tensors
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, swiglu
 
 try:  # the fused w8a16 / w4a16 Triton kernels for CUDA; CPU-only installs have no Triton
     from linear_triton import linear as triton_linear
@@ -38,6 +38,7 @@ except ImportError:
 MODES = ("int8", "int4")
 GROUPSIZES = (32, 64, 128, 256)  # powers of two: whole tiles of the Triton kernels (linear_triton.py)
 DEFAULT_GROUPSIZE = 128
+TINYGEMM_ROWS = 4  # int4 on CUDA: up to this many rows, PyTorch's int4 kernel; more, the Triton one
 
 
 def check_mode(mode: str, groupsize: Optional[int]) -> Optional[int]:
@@ -113,6 +114,8 @@ def dequantize_int4(packed: Tensor, scales_and_zeros: Tensor, groupsize: int) ->
 # The layers that replace nn.Linear. Their buffers are created empty (meta under
 # torch.device("meta")) and filled by load_state_dict(assign=True).
 class Int8Linear(nn.Module):
+    swiglu = False  # the MLP's [gate; up] layer returning silu(gate) * up (set by linear_triton on CUDA)
+
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -127,15 +130,19 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if triton_linear is not None and x.is_cuda:  # one Triton kernel: 1 byte read per weight
-            return triton_linear(x, self.weight, self.scales)
+            return triton_linear(x, self.weight, self.scales, swiglu=self.swiglu)
         # the per-channel scale commutes with the matmul
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        return swiglu(y) if self.swiglu else y
 
 
 class Int4Linear(nn.Module):
+    swiglu = False  # as Int8Linear's
+
     def __init__(self, in_features: int, out_features: int, groupsize: int):
         super().__init__()
         self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        self.register_buffer("tinygemm", None, persistent=False)  # pack_for_cuda: PyTorch's int4 layout
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))  # (N, K/2)
         self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2,
                                                              dtype=torch.bfloat16))  # (K/G, N, 2)
@@ -153,10 +160,24 @@ class Int4Linear(nn.Module):
         G = self.groupsize
         self.scales_and_zeros = self.scales_and_zeros[start // G : stop // G].contiguous()  # (K_local/G, N, 2)
 
+    def pack_for_cuda(self):
+        """Also keep the weight in the layout of PyTorch's int4 kernel (tinygemm), which takes up to
+        TINYGEMM_ROWS rows (n = 1 decoding) about twice as fast as the Triton kernel but 32 rows 3-4x
+        slower (bench/results/h100-80gb-hbm3/linear.md). Half a byte more per weight on the GPU."""
+        inner_k_tiles = next((t for t in (8, 4, 2) if self.in_features % (16 * t) == 0), None)
+        if inner_k_tiles is not None and self.out_features % 8 == 0:
+            self.tinygemm = torch._convert_weight_to_int4pack(self.weight.contiguous(), inner_k_tiles)
+
     def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // self.in_features
+        if self.tinygemm is not None and x.is_cuda and x.dtype == torch.bfloat16 and rows <= TINYGEMM_ROWS:
+            y = torch._weight_int4pack_mm(x.reshape(rows, -1), self.tinygemm, self.groupsize, self.scales_and_zeros)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return swiglu(y) if self.swiglu else y
         if triton_linear is not None and x.is_cuda:  # one Triton kernel: half a byte read per weight
-            return triton_linear(x, self.weight, self.scales_and_zeros, self.groupsize)
-        return F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize).to(x.dtype))
+            return triton_linear(x, self.weight, self.scales_and_zeros, self.groupsize, swiglu=self.swiglu)
+        y = F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize).to(x.dtype))
+        return swiglu(y) if self.swiglu else y
 
 
 def swap_linears(model: Transformer, mode: str, groupsize: Optional[int] = None) -> Transformer:

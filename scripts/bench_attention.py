@@ -21,6 +21,7 @@ if not torch.cuda.is_available():  # before Triton, which CPU-only installs lack
     sys.exit("error: needs a CUDA GPU")
 import triton.testing
 
+import bifurcated_triton
 from bifurcated import bifurcated_attention
 from bifurcated_triton import Tiles, context_partials, context_plan, run_decode_attention
 
@@ -81,10 +82,18 @@ def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], sa
             rows.append(row)
             print(f"| {Hkv} | {M} | {n} | {name} | {plan or ''} {tiles or ''} | {us:.1f} | {row['gbps']:.0f} "
                   f"| {row['pct_of_bandwidth']:.0f}% |", flush=True)
-            if tiles == Tiles():  # where its time goes: the context launch alone, then the decode and merge ones
+            if tiles == Tiles():  # where its time goes: the context launch alone, then the samples' own slots
                 row["context_us"] = time_us(context_partials, [s[:3] for s in sets])
+                fused = bifurcated_triton.own_fused  # and the other way to take the own slots, in the same run
+                row["own_fused"] = fused(plan[1], n, Hkv, T, n_sm)
+                bifurcated_triton.own_fused = lambda *a: not fused(*a)
+                row["other_own_us"] = time_us(fn, sets)
+                bifurcated_triton.own_fused = fused
+                mine, other = ("own + merge launch", "own split + merge launches") if row["own_fused"] else \
+                    ("own split + merge launches", "own + merge launch")
                 print(f"| | | | context launch | | {row['context_us']:.1f} | | |\n"
-                      f"| | | | decode + merge launches | | {us - row['context_us']:.1f} | | |", flush=True)
+                      f"| | | | {mine} | | {us - row['context_us']:.1f} | | |\n"
+                      f"| | | | other way: {other}, total | | {row['other_own_us']:.1f} | | |", flush=True)
         del sets
     if output:
         write_results(output, bw, rows)

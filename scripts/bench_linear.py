@@ -4,7 +4,8 @@
 # bytes it must read over the read bandwidth measured in the same run. Each variant is checked against
 # cuBLAS (bf16), the plain int8 path or the dequantized int4 weight before it is timed. Times are
 # CUDA-graph replays (no launch overhead) rotating over enough weight copies (> 200 MB) that no weight
-# is served from L2, as in a real step.
+# is served from L2, as in a real step. For the MLP's fused gate and up layer (w13) the kernel is also
+# timed with the activation in its epilogue (swiglu: silu(gate) * up written, half the columns).
 #
 #   python scripts/bench_linear.py                                   # Llama-2-7B's decode shapes
 #   python scripts/bench_linear.py --shapes wo w2 --samples 1 32 --sweep --output linear.json
@@ -27,6 +28,7 @@ import triton.testing
 import quantize
 from bench_attention import read_bandwidth, write_results
 from linear_triton import Tiles, default_tiles, run_linear
+from model import swiglu
 
 SHAPES = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w1": (11008, 4096), "w2": (4096, 11008), "w13": (22016, 4096),
           "output": (32000, 4096)}
@@ -82,13 +84,18 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
             expected = {"bf16": cublas(*kinds["bf16"][0][0]).float(), "int8": plain_int8(*kinds["int8"][0][0]).float(),
                         "int4": (x @ quantize.dequantize_int4(*q4[0], INT4_GROUP).t().to(x.dtype)).float()}
             expected["torch int4"] = expected["int4"]
+            for kind in ("bf16", "int8", "int4"):
+                kinds[kind + " swiglu"], expected[kind + " swiglu"] = kinds[kind], swiglu(expected[kind])
             tiles = lambda kind: [default_tiles(kind, N)] + [t for t in SWEEP if sweep and t != default_tiles(kind, N)]
             paths = ([("cublas", "bf16", cublas, None), ("plain int8", "int8", plain_int8, None),
                       ("torch int4", "torch int4", lambda x, mm: mm(x), None)]
                      + [(f"triton {kind}", kind, lambda *a, t=t: run_linear(*a, tiles=t), t) for kind in ("bf16", "int8")
                         if kind in weights for t in tiles(kind)]
                      + [("triton int4", "int4", lambda *a, t=t: run_linear(*a, tiles=t, group=INT4_GROUP), t)
-                        for t in (tiles("int4") if "int4" in weights else [])])
+                        for t in (tiles("int4") if "int4" in weights else [])]
+                     + [(f"triton {kind} swiglu", f"{kind} swiglu", lambda *a, k=kind: run_linear(
+                         *a, group=INT4_GROUP if k == "int4" else 0, swiglu=True), default_tiles(kind, N))
+                        for kind in weights if name == "w13"])
             for path, kind, fn, t in paths:
                 sets, nbytes = kinds[kind]
                 try:

@@ -328,7 +328,8 @@ def merge(files: list[str], out_dir: str, tag: str) -> Path:
     gpus = sorted({r["gpu"] for r in results})
     if len(gpus) != 1:
         raise ValueError(f"results from more than one GPU: {', '.join(gpus)}")
-    sources = [{k: v for k, v in r.items() if k != "rows"} for r in results]
+    # a merged file brings the runs it was made from
+    sources = [s for r in results for s in r.get("sources", [{k: v for k, v in r.items() if k != "rows"}])]
     rows = {}  # a configuration measured again in a later file replaces the earlier row
     for row in (row for r in results for row in r["rows"]):
         rows.pop(config_key(row), None)

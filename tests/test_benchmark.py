@@ -102,6 +102,9 @@ def test_merge_joins_runs(tmp_path, plan_calls):
     result, _ = read_results(tmp_path)
     decode = [r for r in result["rows"] if r["kind"] == "decode"]
     assert [(r["context"], r["ms_per_step"] == 123.0) for r in decode] == [(100, False), (64, True)]
+    benchmark.merge([str(tmp_path / "cpu" / "sweep.json")], str(tmp_path), "again")  # a merged file merges again
+    again = json.loads((tmp_path / "cpu" / "again.json").read_text())
+    assert len(again["sources"]) == 3 and again["rows"] == result["rows"]
     other = json.loads(Path(runs[1]).read_text())
     Path(runs[1]).write_text(json.dumps(dict(other, gpu="NVIDIA H200")))
     with pytest.raises(ValueError, match="more than one GPU"):

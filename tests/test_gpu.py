@@ -9,6 +9,7 @@ import quantize
 from bifurcated import bifurcated_attention, prefix_attention
 from generate import generate, generate_many
 from model import ModelArgs, Transformer
+from model import swiglu as model_swiglu
 from test_generate import step_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -24,10 +25,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("M,slot", [(1000, 0), (4097, 37), (8191, 127)])
 def test_bifurcated_attention_bf16(fast, Hkv, n, M, slot):
     # contexts that are not multiples of any block size; the first and the last decode slot
+    check_decode_attention(fast, Hkv, n, M, slot, T=128)
+
+
+@pytest.mark.parametrize("Hkv", [32, 8])
+@pytest.mark.parametrize("n", [1, 3])
+def test_long_decode_split_bf16(Hkv, n):
+    # few samples and many decode slots: the own slots are split over the SMs, then merged apart
+    bt = pytest.importorskip("bifurcated_triton")
+    assert not bt.own_fused(1, n, Hkv, 2048, bt.num_sms(torch.empty(0, device="cuda")))
+    check_decode_attention(True, Hkv, n, 3001, 1999, T=2048)
+
+
+def check_decode_attention(fast: bool, Hkv: int, n: int, M: int, slot: int, T: int):
     attend = bifurcated_attention
     if fast:
         attend = pytest.importorskip("bifurcated_triton").decode_attention
-    H, D, T = 32, 128, 128
+    H, D = 32, 128
     g = torch.Generator("cuda").manual_seed(n * M + Hkv)
     rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.bfloat16)
     q, kc, vc, kd, vd = rnd(n, H, 1, D), rnd(Hkv, M, D), rnd(Hkv, M, D), rnd(n, Hkv, T, D), rnd(n, Hkv, T, D)
@@ -40,6 +54,31 @@ def test_bifurcated_attention_bf16(fast, Hkv, n, M, slot):
         v = torch.cat([vc.expand(m, -1, -1, -1), vd[s, :, : slot + 1]], dim=2).double().repeat_interleave(H // Hkv, 1)
         ref = torch.softmax(q[s].double() @ k.transpose(2, 3) / D**0.5, dim=-1) @ v  # (m, H, 1, D)
         assert rel_err(out[s], ref) < 1e-2
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["one-position", "positions-per-row"])
+@pytest.mark.parametrize("Hkv", [32, 8, 1])
+def test_rope_store_matches_plain(Hkv, per_row):
+    # the decode step's RoPE + cache write in one kernel == bifurcated.store_decode
+    from bifurcated import store_decode
+    from model import precompute_freqs_cis
+    rope_store = pytest.importorskip("bifurcated_triton").rope_store
+    B, H, D, T = 5, 32, 128, 64
+    g = torch.Generator("cuda").manual_seed(Hkv)
+    q, k, v = torch.randn(B, 1, (H + 2 * Hkv) * D, generator=g, device="cuda").to(torch.bfloat16).split(
+        [H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = q.view(B, 1, H, D), k.view(B, 1, Hkv, D), v.view(B, 1, Hkv, D)  # views of one qkv product
+    table = precompute_freqs_cis(4096, D, 10000.0, None, "cuda")
+    freqs = table[torch.randint(100, 4000, (B, 1), device="cuda")] if per_row else table[torch.tensor([3001], device="cuda")]
+    caches = [torch.randn(B, Hkv, T, D, generator=g, device="cuda").to(torch.bfloat16) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    pos = torch.full((B,), 1000 + 17, device="cuda")  # slot pos[0] - 1000
+    out = rope_store(q, k, v, freqs, *caches, pos, 1000)
+    ref = store_decode(q, k, v, freqs, *ref_caches, torch.tensor([17], device="cuda"))
+    # the same fp32 math; the kernel may fuse a multiply-add that PyTorch rounds twice: 1 bf16 step at most
+    torch.testing.assert_close(out, ref.contiguous(), rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(caches[0], ref_caches[0], rtol=2**-7, atol=1e-3)
+    assert torch.equal(caches[1], ref_caches[1])  # v: copied as it is
 
 
 @pytest.mark.parametrize("n_kv_heads", [32, 8, 1])
@@ -65,17 +104,19 @@ def test_compiled_step_matches_eager():
     assert runs[0] == runs[1]
 
 
+@pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("M", [1, 7, 32, 64, 65])  # 65: above the kernel's rows, cuBLAS takes it
 @pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 11008), (136, 96)])
-def test_linear_kernel(kind, M, N, K):
+def test_linear_kernel(kind, M, N, K, swiglu):
     linear_triton = pytest.importorskip("linear_triton")
     g = torch.Generator("cuda").manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)  # (M, K)
+    act = model_swiglu if swiglu else lambda y: y  # swiglu: the rows are [gate; up], y = silu(gate) * up
     if kind == "int4":  # groups of 32 (K = 96 takes no larger one); above MAX_M rows, dequantize + cuBLAS
         packed, sz = quantize.quantize_int4(torch.randn(N, K, generator=g, device="cuda") * 0.02, 32)
-        ref = x.double() @ quantize.dequantize_int4(packed, sz, 32).double().t()
-        assert rel_err(linear_triton.run_linear(x, packed, sz, group=32), ref) < 1e-2
+        ref = act(x.double() @ quantize.dequantize_int4(packed, sz, 32).double().t())
+        assert rel_err(linear_triton.run_linear(x, packed, sz, group=32, swiglu=swiglu), ref) < 1e-2
         return
     linear = linear_triton.linear
     if kind == "bf16":
@@ -85,8 +126,9 @@ def test_linear_kernel(kind, M, N, K):
         w = torch.randint(-127, 128, (N, K), generator=g, device="cuda", dtype=torch.int8)  # (N, K)
         s = (torch.rand(N, generator=g, device="cuda") * 1e-3).to(torch.bfloat16)  # (N,)
         ref = (x.double() @ w.double().t()) * s.double()
-    out = linear(x[None], w, s)  # leading dims kept
-    assert out.shape == (1, M, N) and out.dtype == torch.bfloat16
+    ref = act(ref)
+    out = linear(x[None], w, s, swiglu=swiglu)  # leading dims kept
+    assert out.shape == (1, M, N // 2 if swiglu else N) and out.dtype == torch.bfloat16
     assert rel_err(out[0], ref) < 1e-2
 
 
@@ -132,4 +174,5 @@ def test_wide_layers_on_triton_match_cublas():
         linear_triton.use_for_wide_layers(model)
         assert isinstance(model.output, linear_triton.WideLinear)
         assert isinstance(model.layers[0].feed_forward.w13, linear_triton.WideLinear)
+        assert model.layers[0].feed_forward.w13.swiglu  # the activation in the kernel's epilogue
         assert rel_err(model(idx, pos), ref) < 1e-2  # 64 rows: the Triton kernel

@@ -182,6 +182,21 @@ def test_logits_close_to_unquantized(ckpt, tmp_path, mode, groupsize, bound):
     assert 0 < rel_err(out, ref) < bound
 
 
+@pytest.mark.parametrize("mode,groupsize", [("int8", None), ("int4", 32)])
+def test_gate_up_layer_with_the_activation_inside(mode, groupsize):
+    # on CUDA the MLP's w13 returns silu(gate) * up from its kernel (linear_triton); the plain path
+    # of the flag gives the same logits as the activation applied by the model
+    torch.manual_seed(0)
+    plain = Transformer(CONFIG)
+    with torch.device("meta"):
+        model = quantize.swap_linears(Transformer(CONFIG), mode, groupsize)
+    model.load_state_dict(quantize.quantize_state_dict(plain, mode, groupsize), assign=True)
+    ref = logits(model)
+    for layer in model.layers:
+        layer.feed_forward.w13.swiglu = True
+    torch.testing.assert_close(logits(model), ref)
+
+
 def test_renamed_file_loads_by_metadata(cli_files, tmp_path):
     renamed = tmp_path / "plain_name.safetensors"
     shutil.copy(cli_files["int4"], renamed)
@@ -257,11 +272,12 @@ def test_bad_input_is_one_line_error(case, ckpt, narrow_ckpt, cli_files):
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU: the int4 layer's Triton kernels (decode rows; dequantize + cuBLAS for prefill rows) == the plain path
+# GPU: the int4 layer's kernels (PyTorch's for a few rows, Triton's for decode rows, dequantize + cuBLAS
+# for prefill rows) == the plain path
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("groupsize", quantize.GROUPSIZES)
 @pytest.mark.parametrize("K", [96, 320, 768, 11008])
-@pytest.mark.parametrize("rows", [7, 100])  # the decode kernel; above linear_triton.MAX_M, the prefill path
+@pytest.mark.parametrize("rows", [1, 7, 100])  # PyTorch's int4 kernel; the Triton decode kernel; the prefill path
 def test_int4_cuda_kernel_equals_plain_path(groupsize, K, rows):
     if K % groupsize:
         pytest.skip("groupsize does not divide K")
@@ -271,7 +287,9 @@ def test_int4_cuda_kernel_equals_plain_path(groupsize, K, rows):
     ref = x.float() @ quantize.dequantize_int4(packed, sz, groupsize).t()  # (3, rows, N), fp32
     layer = quantize.Int4Linear(K, 136, groupsize)
     layer.load_state_dict({"weight": packed.cuda(), "scales_and_zeros": sz.cuda()}, assign=True)
-    out = layer(x.cuda())
+    layer.pack_for_cuda()
+    assert layer.tinygemm is not None and "tinygemm" not in layer.state_dict()
+    out = layer(x.cuda())  # rows = 1: 3 rows in all, up to quantize.TINYGEMM_ROWS
     assert out.shape == (3, rows, 136) and out.dtype == torch.bfloat16
     assert rel_err(out.cpu(), ref) < 1e-2
 
