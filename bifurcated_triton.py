@@ -239,7 +239,8 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
             q, k_dec, v_dec, o_part, l_part, out, slot, start, T, B * G, P=P, QK_SCALE=qk_scale(D), HKV=Hkv, G=G, D=D,
             BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=tiles.block_n, num_warps=4, num_stages=2)
         return out
-    # few samples, many slots: the own slots split over the SMs as one more level, then a merge launch
+    # a context in many splits, or few samples with many slots: the own slots split over the SMs as one
+    # more level, then a merge launch
     launch_context(q, k_dec, v_dec, slot, o_part, l_part, split0, own, tiles, up_to_slot=True, start=start)
     P += own[1]
     torch.library.wrap_triton(_merge_kernel)[(B, H)](
@@ -251,7 +252,7 @@ def own_fused(P: int, B: int, Hkv: int, T: int, n_sm: int) -> bool:
     """Whether one program per sample and KV head takes its own slots (up to T) and merges its rows'
     P context partials: where P is small and there are enough programs or short loops. Else (many
     splits of a context: few samples; or long decodes of few samples) the own slots go through the
-    split context kernel and a merge launch. From scripts/bench_attention.py on an H100 (attention.md):
+    split context kernel and a merge launch. From scripts/bench_attention.py on an H100 (attention-own.md):
     GQA n=256 (P=4) 137 -> 121 us; MHA n=32 (P=8) 73 -> 77 and GQA n=32 (P=32) 39 -> 79 us if fused."""
     return P <= 4 and (B * Hkv >= n_sm or T <= 512)
 
