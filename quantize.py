@@ -151,6 +151,7 @@ class Int4Linear(nn.Module):
     def take_rows(self, idx: Tensor):
         self.weight = self.weight.index_select(0, idx)  # (N_local, K/2)
         self.scales_and_zeros = self.scales_and_zeros.index_select(1, idx)  # (K/G, N_local, 2)
+        self.tinygemm = None  # a copy of the whole weight no longer: pack_for_cuda again
 
     def take_cols(self, start: int, stop: int):
         if start % self.groupsize or stop % self.groupsize:
@@ -159,6 +160,7 @@ class Int4Linear(nn.Module):
         self.weight = self.weight[:, start // 2 : stop // 2].contiguous()  # (N, K_local/2)
         G = self.groupsize
         self.scales_and_zeros = self.scales_and_zeros[start // G : stop // G].contiguous()  # (K_local/G, N, 2)
+        self.tinygemm = None
 
     def pack_for_cuda(self):
         """Also keep the weight in the layout of PyTorch's int4 kernel (tinygemm), which takes up to
