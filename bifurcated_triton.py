@@ -46,11 +46,39 @@ def _attend_block(q, K, V, keys, kmask, d, m_i, l_i, acc, QK_SCALE: tl.constexpr
 def _context_kernel(Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, START, QK_SCALE: tl.constexpr,
                     HKV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr, SLOT: tl.constexpr):
+    _context_split(tl.program_id(0), tl.program_id(1), tl.program_id(2), Q, K, V, O_part, L_part, Lens, R, G, M,
+                   R_ALL, SPLIT0, START, QK_SCALE, HKV, D, CHUNK, BLOCK_R, BLOCK_N, LENGTHS, SLOT)
+
+
+@triton.jit
+def _context_own_kernel(Q, K, V, Lens, KD, VD, Slot, O_part, L_part, R, G, M, T, R_ALL, SPLIT0, SPLIT_OWN, START,
+                        ROW_BLOCKS: tl.constexpr, P: tl.constexpr, GROUPS: tl.constexpr, P_OWN: tl.constexpr,
+                        QK_SCALE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK_R: tl.constexpr, CHUNK_OWN: tl.constexpr, BLOCK_G: tl.constexpr,
+                        BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr):
+    # one launch for the last level of keys (as _context_kernel, its programs first) and the samples'
+    # own slots (as _context_kernel with SLOT, B groups of G rows): the small own programs fill the
+    # last wave of the level's, and one launch less
+    pid = tl.program_id(0)
+    n_level = ROW_BLOCKS * P * HKV * GROUPS
+    if pid < n_level:
+        _context_split(pid % ROW_BLOCKS, pid // ROW_BLOCKS % P, pid // (ROW_BLOCKS * P), Q, K, V, O_part, L_part,
+                       Lens, R, G, M, R_ALL, SPLIT0, START, QK_SCALE, HKV, D, CHUNK, BLOCK_R, BLOCK_N, LENGTHS, False)
+    else:
+        pid -= n_level  # split, then KV head and sample
+        _context_split(0, pid % P_OWN, pid // P_OWN, Q, KD, VD, O_part, L_part, Slot, G, G, T, R_ALL, SPLIT_OWN,
+                       START, QK_SCALE, HKV, D, CHUNK_OWN, BLOCK_G, BLOCK_N, False, True)
+
+
+@triton.jit
+def _context_split(rb, split, jc, Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, START,
+                   QK_SCALE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr, SLOT: tl.constexpr):
+    # Row block rb of group c and KV head j (jc = c Hkv + j) against split `split` of its keys.
     # With LENGTHS, K holds one context per group of rows ((groups, Hkv, M, D), its rows those of
     # samples c R/G .. (c + 1) R/G - 1), group c filled up to Lens[c] (several prompts), or with
     # SLOT, every group up to slot Lens[0] - START (the samples' own decode slots, one group per sample).
     # Else K is one context (Hkv, M, D) for all rows.
-    rb, split, jc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j, c = jc % HKV, jc // HKV  # KV head, group
     rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # the group's query rows r = i g + h of KV head j
     rmask = rows < R
@@ -230,19 +258,32 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
     own = None if own_fused(P, B, Hkv, T, n_sm) else context_plan(G, T, Hkv * B, n_sm, tiles)
     o_part, l_part = new_partials(P + (own[1] if own else 0), q, Hkv)
     split0 = 0
-    for lv in levels:
-        launch_context(q, lv.k, lv.v, lv.lens, o_part, l_part, split0, lv.plan, tiles)
-        split0 += lv.plan[1]
     out = torch.empty_like(q)  # (B, H, 1, D)
     if own is None:  # a program per sample and KV head: its own slots, then the merge
+        for lv in levels:
+            launch_context(q, lv.k, lv.v, lv.lens, o_part, l_part, split0, lv.plan, tiles)
+            split0 += lv.plan[1]
         torch.library.wrap_triton(_own_merge_kernel)[(B, Hkv)](
             q, k_dec, v_dec, o_part, l_part, out, slot, start, T, B * G, P=P, QK_SCALE=qk_scale(D), HKV=Hkv, G=G, D=D,
             BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=tiles.block_n, num_warps=4, num_stages=2)
         return out
-    # a context in many splits, or few samples with many slots: the own slots split over the SMs as one
-    # more level, then a merge launch
-    launch_context(q, k_dec, v_dec, slot, o_part, l_part, split0, own, tiles, up_to_slot=True, start=start)
-    P += own[1]
+    # a context in many splits, or few samples with many slots: the own slots split over the SMs, in
+    # one launch with the last level, then a merge launch
+    for lv in levels[:-1]:
+        launch_context(q, lv.k, lv.v, lv.lens, o_part, l_part, split0, lv.plan, tiles)
+        split0 += lv.plan[1]
+    last = levels[-1]
+    groups = 1 if last.lens is None else last.k.size(0)
+    (block_r, p, chunk), (block_g, p_own, chunk_own) = last.plan, own
+    M = last.k.size(-2)
+    n_level = triton.cdiv(B // groups * G, block_r) * p * Hkv * groups
+    torch.library.wrap_triton(_context_own_kernel)[(n_level + p_own * Hkv * B,)](
+        q, last.k, last.v, l_part if last.lens is None else last.lens, k_dec, v_dec, slot, o_part, l_part,
+        B // groups * G, G, M, T, B * G, split0, split0 + p, start, ROW_BLOCKS=triton.cdiv(B // groups * G, block_r),
+        P=p, GROUPS=groups, P_OWN=p_own, QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r,
+        CHUNK_OWN=chunk_own, BLOCK_G=block_g, BLOCK_N=tiles.block_n, LENGTHS=last.lens is not None,
+        num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
+    P += p_own
     torch.library.wrap_triton(_merge_kernel)[(B, H)](
         o_part, l_part, out, B * G, G, HKV=Hkv, D=D, P=P, BLOCK_P=min(64, triton.next_power_of_2(P)), num_warps=4)
     return out
