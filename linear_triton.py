@@ -32,6 +32,8 @@ from torch import Tensor
 
 from model import swiglu as swiglu_activation
 
+# int4: the bits of the float BIAS with zero low bits, for x's dtype (BIAS + q exact for q < 16)
+MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0), torch.float32: (0, 0.0)}
 MAX_M = 64  # above this (prefill) the product is compute-bound: cuBLAS does it
 WIDE = 8192  # output channels from which a layer counts as wide (tiles; bf16 layers the kernel takes)
 
@@ -39,7 +41,7 @@ WIDE = 8192  # output channels from which a layer counts as wide (tiles; bf16 la
 @triton.jit
 def _linear_kernel(X, W, S, Out, M, N, K, CHUNK, SCALED: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
-                   SWIGLU: tl.constexpr):
+                   SWIGLU: tl.constexpr, MAGIC: tl.constexpr = 0, BIAS: tl.constexpr = 0.0):
     nb, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     if SWIGLU:  # the weight's rows of this tile: gate f, up f, gate f + 1, up f + 1, ...
@@ -71,14 +73,22 @@ def _linear_kernel(X, W, S, Out, M, N, K, CHUNK, SCALED: tl.constexpr, BLOCK_M: 
             # high nibbles hold the even input channels, low ones the odd: two products, no interleave
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # (BLOCK_M, BLOCK_K / 2) each
             # w = (q - 8) scale + zero, so x.w = scale (x.q) + (zero - 8 scale) sum(x): the tensor cores
-            # take the raw nibbles (0..15, exact), the group's scale and zero point the (BLOCK_N, BLOCK_M) tile only
-            xq = tl.dot((b >> 4).to(x.dtype), tl.trans(x_even))  # (BLOCK_N, BLOCK_M)
-            xq = tl.dot((b & 15).to(x.dtype), tl.trans(x_odd), xq)
+            # take the nibbles, the group's scale and zero point the (BLOCK_N, BLOCK_M) tile only. A nibble
+            # becomes a float without a conversion: the bits MAGIC | q are the float BIAS + q, exactly
+            # (bf16: 0x4300 | q = 128 + q), and the BIAS comes back out with sum(x). MAGIC 0 (fp32 x, whose
+            # bias 2^23 would eat the precision): converted as numbers
+            if MAGIC:
+                hi = ((b >> 4).to(tl.int16) | MAGIC).to(x.dtype, bitcast=True)  # (BLOCK_N, BLOCK_K / 2): BIAS + q
+                lo = ((b & 15).to(tl.int16) | MAGIC).to(x.dtype, bitcast=True)
+            else:
+                hi, lo = (b >> 4).to(x.dtype), (b & 15).to(x.dtype)
+            xq = tl.dot(hi, tl.trans(x_even))  # (BLOCK_N, BLOCK_M)
+            xq = tl.dot(lo, tl.trans(x_odd), xq)
             sz = S + (k0 // GROUP * N + cols) * 2  # (BLOCK_N,) into (K / GROUP, N, 2)
             scale = tl.load(sz, mask=cmask, other=0.0).to(tl.float32)
             zero = tl.load(sz + 1, mask=cmask, other=0.0).to(tl.float32)
             xsum = tl.sum(x.to(tl.float32), axis=1)  # (BLOCK_M,)
-            acc += xq * scale[:, None] + (zero - 8.0 * scale)[:, None] * xsum[None, :]
+            acc += xq * scale[:, None] + (zero - (8.0 + BIAS) * scale)[:, None] * xsum[None, :]
         else:
             w = tl.load(w_ptrs, mask=cmask[:, None] & kmask, other=0.0, eviction_policy="evict_first")
             acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # (BLOCK_N, BLOCK_M); int8 -> bf16 is exact
@@ -183,7 +193,8 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     torch.library.wrap_triton(_linear_kernel)[(triton.cdiv(N, tiles.block_n), P)](
         x, weight, weight if scales is None else scales, part, M, N, K, chunk,  # S unused if not SCALED
         SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP=group,
-        EVEN_K=K % block_k == 0, SWIGLU=swiglu, num_warps=tiles.warps, num_stages=tiles.stages)
+        EVEN_K=K % block_k == 0, SWIGLU=swiglu, MAGIC=MAGIC[x.dtype][0], BIAS=MAGIC[x.dtype][1],
+        num_warps=tiles.warps, num_stages=tiles.stages)
     return part if P == 1 else part.sum(0).to(x.dtype)  # (M, N)
 
 
