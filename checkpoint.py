@@ -96,9 +96,9 @@ def fast_linears(model: Transformer):
     # on CUDA, the wide bf16 layers' decode rows go to the Triton kernel (linear_triton.py), and
     # int4 layers also keep their weight for PyTorch's kernel (quantize.Int4Linear.pack_for_cuda)
     if model.output.weight.is_cuda:
-        from linear_triton import use_for_wide_layers
+        from linear_triton import use_for_decode
 
-        use_for_wide_layers(model)
+        use_for_decode(model)
         for module in model.modules():
             if hasattr(module, "pack_for_cuda"):
                 module.pack_for_cuda()

@@ -30,18 +30,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from model import Transformer
 from model import swiglu as swiglu_activation
 
 # int4: the bits of the float BIAS with zero low bits, for x's dtype (BIAS + q exact for q < 16)
 MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0), torch.float32: (0, 0.0)}
 MAX_M = 64  # above this (prefill) the product is compute-bound: cuBLAS does it
-WIDE = 8192  # output channels from which a layer counts as wide (tiles; bf16 layers the kernel takes)
+WIDE = 8192  # output channels from which a layer counts as wide (its tiles)
+NARROW = 4096  # bf16 layers from this many output channels take the kernel (128 programs of 32 fill the SMs)
 
 
 @triton.jit
-def _linear_kernel(X, W, S, Out, M, N, K, CHUNK, SCALED: tl.constexpr, BLOCK_M: tl.constexpr,
+def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
-                   SWIGLU: tl.constexpr, MAGIC: tl.constexpr = 0, BIAS: tl.constexpr = 0.0):
+                   SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, MAGIC: tl.constexpr = 0,
+                   BIAS: tl.constexpr = 0.0):
     nb, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     if SWIGLU:  # the weight's rows of this tile: gate f, up f, gate f + 1, up f + 1, ...
@@ -104,8 +107,11 @@ def _linear_kernel(X, W, S, Out, M, N, K, CHUNK, SCALED: tl.constexpr, BLOCK_M: 
         tl.store(Out + rows[:, None] * (N // 2) + f[None, :], y.to(Out.dtype.element_ty),
                  mask=rmask[:, None] & (f < N // 2)[None, :])
     else:
+        omask = rmask[:, None] & cmask[None, :]
+        if RESIDUAL:  # one split: y = residual + x W^T, rounded once
+            acc += tl.load(Res + rows[:, None] * N + cols[None, :], mask=omask, other=0.0).to(tl.float32)
         out = Out + split * M * N + rows[:, None] * N + cols[None, :]  # (BLOCK_M, BLOCK_N) of (P, M, N)
-        tl.store(out, acc.to(Out.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+        tl.store(out, acc.to(Out.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -138,14 +144,15 @@ class Tiles:
 
 def default_tiles(kind: str, N: int) -> Tiles:
     # The fastest of `scripts/bench_linear.py --sweep` on an H100 for Llama-2-7B's decode shapes at
-    # 1 and 32 rows (bench/results/h100-80gb-hbm3/linear.md): wide layers (wqkv, w13) stream best with
-    # few, long programs; narrow ones (wo, w2: N = 4096) need more splits of K to fill the SMs.
+    # 1 and 32 rows (bench/results/h100-80gb-hbm3/linear.md, linear-narrow.md): wide layers (wqkv, w13)
+    # stream best with few, long programs; narrow bf16 ones (wo, w2: N = 4096) with one wave of 128
+    # programs that each stream 32 whole rows (no splits of K, so the residual add fits the epilogue).
     wide = N >= WIDE
     if kind == "int8":
         return Tiles(block_k=256, stages=3) if wide else Tiles(block_k=128, waves=3)
     if kind == "int4":
         return Tiles(block_n=64, block_k=128)
-    return Tiles(block_n=64, block_k=128, waves=1, stages=5) if wide else Tiles(block_k=128, waves=3)
+    return Tiles(block_n=64, block_k=128, waves=1, stages=5) if wide else Tiles(block_k=128, splits=1, stages=8)
 
 
 def linear_plan(M: int, N: int, K: int, block_k: int, n_sm: int, tiles: Tiles) -> tuple[int, int, int]:
@@ -160,10 +167,11 @@ def linear_plan(M: int, N: int, K: int, block_k: int, n_sm: int, tiles: Tiles) -
 
 
 def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optional[Tiles] = None,
-               group: int = 0, swiglu: bool = False) -> Tensor:
+               group: int = 0, swiglu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
     # x (M, K); weight (N, K) bf16 or int8 with scales (N,) or None; or with group > 0, int4:
     # weight (N, K/2) uint8 and scales the scales and zero points (K/group, N, 2).
     # swiglu: weight is [gate; up] and y = silu(x gate^T) * (x up^T), (M, N / 2)
+    # residual (M, N): y = residual + x W^T
     M, K = x.shape
     N = weight.shape[0]
     if weight.shape[1] * (2 if group else 1) != K:
@@ -172,29 +180,33 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         raise ValueError(f"linear_triton needs K a multiple of 16, got {K}")
     if swiglu and N % 2:
         raise ValueError(f"swiglu needs the gate and up rows stacked, an even N, got {N}")
+    if swiglu and residual is not None:
+        raise ValueError("swiglu and residual do not go together")
     if M > MAX_M:  # prefill: the weight in x's dtype, then cuBLAS
         if group:
             y = F.linear(x, dequantize_int4(weight, scales, group, x.dtype))  # (M, N)
         else:
             y = F.linear(x, weight.to(x.dtype))  # (M, N)
             y = y if scales is None else y * scales
-        return swiglu_activation(y) if swiglu else y
+        return swiglu_activation(y) if swiglu else y if residual is None else residual + y
     kind = "int4" if group else "int8" if scales is not None else "bf16"
     tiles = tiles or default_tiles(kind, N)
     x = x.contiguous()
     block_k = min(group, tiles.block_k or 128) if group else tiles.block_k or 256 // weight.element_size()
     n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    if swiglu:  # the activation needs the whole sum over K: one split
+    if swiglu or residual is not None:  # they need the whole sum over K: one split
         tiles = dataclasses.replace(tiles, splits=1)
     block_m, P, chunk = linear_plan(M, N, K, block_k, n_sm, tiles)
     # one split: y itself, in x's dtype; else fp32 partials (P, M, N), summed below
     part = torch.empty((M, N // 2) if swiglu else (M, N) if P == 1 else (P, M, N), device=x.device,
                        dtype=x.dtype if P == 1 else torch.float32)
+    residual = None if residual is None else residual.contiguous()
     torch.library.wrap_triton(_linear_kernel)[(triton.cdiv(N, tiles.block_n), P)](
-        x, weight, weight if scales is None else scales, part, M, N, K, chunk,  # S unused if not SCALED
+        x, weight, weight if scales is None else scales, part, x if residual is None else residual,
+        M, N, K, chunk,  # S unused unless SCALED, Res unless RESIDUAL
         SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP=group,
-        EVEN_K=K % block_k == 0, SWIGLU=swiglu, MAGIC=MAGIC[x.dtype][0], BIAS=MAGIC[x.dtype][1],
-        num_warps=tiles.warps, num_stages=tiles.stages)
+        EVEN_K=K % block_k == 0, SWIGLU=swiglu, RESIDUAL=residual is not None,
+        MAGIC=MAGIC[x.dtype][0], BIAS=MAGIC[x.dtype][1], num_warps=tiles.warps, num_stages=tiles.stages)
     return part if P == 1 else part.sum(0).to(x.dtype)  # (M, N)
 
 
@@ -209,38 +221,48 @@ def dequantize_int4(weight: Tensor, scales_and_zeros: Tensor, group: int, dtype:
 
 
 @torch.library.triton_op("linear_triton::linear", mutates_args=())
-def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0, swiglu: bool = False) -> Tensor:
+def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0, swiglu: bool = False,
+           residual: Optional[Tensor] = None) -> Tensor:
     # x (..., K); weight (N, K) bf16, or int8 with scales (N,), or with group > 0 int4 (N, K/2) with
-    # scales and zero points (K/group, N, 2); y in x's dtype: (..., N), or with swiglu (..., N / 2)
-    y = run_linear(x.reshape(-1, x.shape[-1]), weight, scales, group=group, swiglu=swiglu)  # (M, N or N / 2)
+    # scales and zero points (K/group, N, 2); y in x's dtype: (..., N), or with swiglu (..., N / 2).
+    # residual (..., N): added to y
+    y = run_linear(x.reshape(-1, x.shape[-1]), weight, scales, group=group, swiglu=swiglu,
+                   residual=None if residual is None else residual.reshape(-1, residual.shape[-1]))
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-class WideLinear(nn.Module):
-    """A bf16 (or fp16) nn.Linear whose decode rows run the Triton kernel: for wide layers (wqkv, w13,
-    the output head) it streams the weight faster than cuBLAS; for N = 4096 cuBLAS is faster
-    (bench/results/h100-80gb-hbm3/linear.md). Same `weight`, so the state dict is unchanged.
-    swiglu: the MLP's [gate; up] layer, returning silu(gate) * up (model.FeedForward reads the flag)."""
+class TritonLinear(nn.Module):
+    """A bf16 (or fp16) nn.Linear whose decode rows run the Triton kernel, which streams the weight at
+    least as fast as cuBLAS (bench/results/h100-80gb-hbm3/linear.md, linear-narrow.md) and takes in the
+    step's small neighbours: swiglu, the MLP's [gate; up] layer returning silu(gate) * up (model.FeedForward
+    reads the flag); adds_residual, the residual stream comes in and goes out with the layer's output
+    added in the kernel's epilogue (model.add_residual reads the flag). Same `weight` as the model's."""
 
-    def __init__(self, weight: nn.Parameter, swiglu: bool = False):
+    def __init__(self, weight: nn.Parameter, swiglu: bool = False, adds_residual: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = weight  # (N, K)
-        self.swiglu = swiglu
+        self.swiglu, self.adds_residual = swiglu, adds_residual
 
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, swiglu=self.swiglu)
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return linear(x, self.weight, swiglu=self.swiglu, residual=residual)
 
 
-def use_for_wide_layers(model: nn.Module):
-    """Swap every bf16/fp16 CUDA nn.Linear with at least WIDE outputs (after any tensor parallel
-    sharding) for a WideLinear; the MLP's gate and up layers (feed_forward.w13, plain or quantized)
-    on CUDA apply the activation in the kernel."""
-    for name, module in list(model.named_modules()):
-        gate_up = name.endswith("feed_forward.w13")
-        if (type(module) is nn.Linear and module.out_features >= WIDE and module.weight.is_cuda
-                and module.weight.dtype in (torch.bfloat16, torch.float16)):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, WideLinear(module.weight, swiglu=gate_up))
-        elif gate_up and hasattr(module, "swiglu") and module.weight.is_cuda:  # quantize.py's layers
-            module.swiglu = True
+def use_for_decode(model: Transformer):
+    """On CUDA, swap the bf16/fp16 nn.Linear layers with at least NARROW outputs (after any tensor
+    parallel sharding) for TritonLinear: the MLP's activation goes into w13 (quantize.py's layers too),
+    the residual adds into wo and w2 (unless tensor parallelism sums their outputs across ranks first)."""
+    def swap(parent: nn.Module, name: str, **flags):
+        layer = getattr(parent, name)
+        if (type(layer) is nn.Linear and layer.out_features >= NARROW and layer.weight.is_cuda
+                and layer.weight.dtype in (torch.bfloat16, torch.float16) and not layer._forward_hooks):
+            setattr(parent, name, TritonLinear(layer.weight, **flags))
+        elif flags.get("swiglu") and hasattr(layer, "swiglu") and layer.weight.is_cuda:  # quantize.py's layers
+            layer.swiglu = True
+
+    for block in model.layers:
+        swap(block.attention, "wqkv")
+        swap(block.attention, "wo", adds_residual=True)
+        swap(block.feed_forward, "w13", swiglu=True)
+        swap(block.feed_forward, "w2", adds_residual=True)
+    swap(model, "output")

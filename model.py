@@ -174,8 +174,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis, input_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = self.attention(self.attention_norm(x), freqs_cis, input_pos, residual=x)  # x + attention
+        return self.feed_forward(self.ffn_norm(h), residual=h)  # h + feed-forward
 
 
 class Attention(nn.Module):
@@ -188,14 +188,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)  # (C, H D)
         self.kv_cache: nn.Module = CausalAttention()
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, freqs_cis: Tensor, input_pos: Tensor, residual: Tensor) -> Tensor:
         B, S, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         q, k, v = q.view(B, S, H, D), k.view(B, S, Hkv, D), v.view(B, S, Hkv, D)  # before RoPE
         y = self.kv_cache(q, k, v, freqs_cis, input_pos)  # (B, H, S, D)
         y = y.transpose(1, 2).reshape(B, S, H * D)  # (B, S, H D)
-        return self.wo(y)
+        return add_residual(self.wo, y, residual)
 
 
 class CausalAttention(nn.Module):
@@ -223,10 +223,18 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)  # (2F, C): w1 rows, then w3
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # (C, F) down
 
-    def forward(self, x: Tensor) -> Tensor:
-        if getattr(self.w13, "swiglu", False):  # the layer applies the activation (linear_triton: in its kernel)
-            return self.w2(self.w13(x))
-        return self.w2(swiglu(self.w13(x)))
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        h = self.w13(x)
+        # a layer with the swiglu flag applies the activation itself (linear_triton: in its kernel)
+        return add_residual(self.w2, h if getattr(self.w13, "swiglu", False) else swiglu(h), residual)
+
+
+def add_residual(layer: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
+    # residual + layer(x); a layer with the adds_residual flag takes the residual in (linear_triton:
+    # added in its kernel's epilogue)
+    if getattr(layer, "adds_residual", False):
+        return layer(x, residual)
+    return residual + layer(x)
 
 
 def swiglu(h: Tensor) -> Tensor:

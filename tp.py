@@ -75,7 +75,7 @@ def apply_tp(model: Transformer, rank: int, world: int) -> Transformer:
         # this rank's gate rows, then its up rows, of the fused w13
         take_rows(ff.w13, torch.cat([arange(rank * Fl, (rank + 1) * Fl), F + arange(rank * Fl, (rank + 1) * Fl)]))
         take_cols(ff.w2, rank * Fl, (rank + 1) * Fl)
-        for module in (attn, ff):
+        for module in (attn.wo, ff.w2):  # their partial sums, before the residual is added
             module.register_forward_hook(all_reduce_output)
     # the local shapes: caches and the memory planner read them from here
     model.config = dataclasses.replace(cfg, n_head=Hl, n_kv_heads=len(kv), intermediate_size=Fl)

@@ -37,6 +37,10 @@ SWEEP = [Tiles(block_n=n, block_k=k, waves=w, stages=s, warps=nw)
                                 (32, 128, 4, 4, 4), (32, 128, 1, 6, 4), (32, 128, 2, 6, 4), (32, 512, 2, 3, 8),
                                 (64, 128, 2, 4, 4), (64, 128, 1, 5, 4), (64, 256, 2, 3, 8), (64, 64, 2, 6, 4),
                                 (128, 64, 2, 4, 4), (128, 128, 2, 3, 8), (16, 128, 2, 6, 2), (32, 128, 3, 4, 4)]]
+# narrow layers (N = 4096) in one wave without splits of K: 128 or 256 programs, each streaming whole rows
+SWEEP += [Tiles(block_n=n, block_k=k, splits=p, stages=s, warps=nw)
+          for n, k, p, s, nw in [(32, 256, 1, 6, 4), (32, 128, 1, 8, 4), (32, 256, 1, 4, 8), (32, 512, 1, 3, 8),
+                                 (16, 256, 1, 6, 4), (16, 512, 1, 4, 4), (64, 128, 2, 5, 4), (64, 256, 2, 3, 8)]]
 
 
 def time_us(fn, sets: list[tuple]) -> float:
@@ -95,7 +99,11 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
                         for t in (tiles("int4") if "int4" in weights else [])]
                      + [(f"triton {kind} swiglu", f"{kind} swiglu", lambda *a, k=kind: run_linear(
                          *a, group=INT4_GROUP if k == "int4" else 0, swiglu=True), default_tiles(kind, N))
-                        for kind in weights if name == "w13"])
+                        for kind in weights if name == "w13"]
+                     + [("triton bf16 residual", "bf16 residual", lambda x, w, s: run_linear(x, w, s, residual=res),
+                         default_tiles("bf16", N)) for kind in weights if kind == "bf16" and name in ("wo", "w2")])
+            res = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)  # (M, N)
+            kinds["bf16 residual"], expected["bf16 residual"] = kinds["bf16"], expected["bf16"] + res.float()
             for path, kind, fn, t in paths:
                 sets, nbytes = kinds[kind]
                 try:

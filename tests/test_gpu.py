@@ -90,7 +90,28 @@ def test_bifurcated_equals_standard_bf16(n_kv_heads):
         model = Transformer(cfg).to(torch.bfloat16).eval()
     prompt = torch.randint(0, cfg.vocab_size, (1531,)).tolist()
     tokens = torch.randint(0, cfg.vocab_size, (16, 8), device="cuda")
-    for a, b in zip(step_logits(model, "bifurcated", prompt, tokens), step_logits(model, "standard", prompt, tokens)):
+    std = step_logits(model, "standard", prompt, tokens)
+    for a, b in zip(step_logits(model, "bifurcated", prompt, tokens), std):
+        assert rel_err(a, b) < 1e-2
+    # as checkpoint.load_model runs it on CUDA: the linear layers on the Triton kernel, the residual
+    # adds in it; and that step compiled
+    pytest.importorskip("linear_triton").use_for_decode(model)
+    for a, b in zip(step_logits(model, "bifurcated", prompt, tokens), std):
+        assert rel_err(a, b) < 1e-2
+
+
+def test_compiled_layers_on_triton_match_eager():
+    # the decode step as checkpoint.load_model runs it on CUDA (the linear layers on the Triton kernel,
+    # residual adds in it), compiled, against the same model eager
+    cfg = dataclasses.replace(ModelArgs.from_name("Mistral-7B"), n_layer=1, vocab_size=4096, intermediate_size=4096)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(cfg).to(torch.bfloat16).eval()
+    pytest.importorskip("linear_triton").use_for_decode(model)
+    prompt = torch.randint(0, cfg.vocab_size, (100,)).tolist()
+    tokens = torch.randint(0, cfg.vocab_size, (8, 4), device="cuda")
+    eager = step_logits(model, "bifurcated", prompt, tokens)
+    for a, b in zip(step_logits(torch.compile(model, fullgraph=True), "bifurcated", prompt, tokens), eager):
         assert rel_err(a, b) < 1e-2
 
 
@@ -160,19 +181,37 @@ def test_many_prompts_compiled_matches_eager():
     assert runs[0] == runs[1]
 
 
-def test_wide_layers_on_triton_match_cublas():
-    # checkpoint.load_model puts the wide bf16 layers (here w13 and the output head) on the Triton kernel
+@pytest.mark.parametrize("M", [1, 32, 65])  # 65: above the kernel's rows, cuBLAS + add
+@pytest.mark.parametrize("N,K", [(4096, 4096), (4096, 11008), (136, 96)])
+def test_linear_kernel_residual(M, N, K):
+    # the residual add in the kernel's epilogue
+    linear = pytest.importorskip("linear_triton").linear
+    g = torch.Generator("cuda").manual_seed(M + N)
+    x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)  # (M, K)
+    w = (torch.randn(N, K, generator=g, device="cuda") * 0.02).to(torch.bfloat16)  # (N, K)
+    res = torch.randn(M, N, generator=g, device="cuda").to(torch.bfloat16)  # (M, N)
+    out = linear(x[None], w, residual=res[None])  # leading dims kept
+    assert out.shape == (1, M, N) and rel_err(out[0], x.double() @ w.double().t() + res.double()) < 1e-2
+
+
+def test_layers_on_triton_match_cublas():
+    # checkpoint.load_model puts the bf16 layers on the Triton kernel, the residual adds inside
     linear_triton = pytest.importorskip("linear_triton")
-    cfg = dataclasses.replace(ModelArgs.from_name("tiny-gqa"), vocab_size=8192, intermediate_size=4096)
+    cfg = dataclasses.replace(ModelArgs.from_name("tiny-gqa"), n_layer=2, dim=4096, n_head=32, n_kv_heads=8,
+                              vocab_size=8192, intermediate_size=4096)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Transformer(cfg).to(torch.bfloat16).eval()
     model.setup(16)
     idx, pos = torch.randint(0, cfg.vocab_size, (4, 16), device="cuda"), torch.arange(16, device="cuda")
     with torch.no_grad():
-        ref = model(idx, pos)  # cuBLAS
-        linear_triton.use_for_wide_layers(model)
-        assert isinstance(model.output, linear_triton.WideLinear)
-        assert isinstance(model.layers[0].feed_forward.w13, linear_triton.WideLinear)
-        assert model.layers[0].feed_forward.w13.swiglu  # the activation in the kernel's epilogue
+        ref = model(idx, pos)  # cuBLAS, plain norms and adds
+        linear_triton.use_for_decode(model)
+        block = model.layers[0]
+        for layer in (model.output, block.attention.wqkv, block.attention.wo, block.feed_forward.w13,
+                      block.feed_forward.w2):
+            assert isinstance(layer, linear_triton.TritonLinear)
+        assert block.feed_forward.w13.swiglu  # the activation in the kernel's epilogue
+        assert block.attention.wo.adds_residual and block.feed_forward.w2.adds_residual
         assert rel_err(model(idx, pos), ref) < 1e-2  # 64 rows: the Triton kernel
+        assert rel_err(model(idx[:, :1], pos[:1])[:, 0], ref[:, 0]) < 1e-2  # 4 rows
