@@ -18,6 +18,7 @@
 # fuses into the next op (the residual add, the activation). With one split the kernel writes y.
 # With SWIGLU (the MLP's fused gate and up layer, w13 = [w1; w3]), each program takes BLOCK_N / 2 gate
 # rows and the matching up rows, and writes silu(gate) * up: (M, N / 2), the activation never in memory.
+# With RESIDUAL (wo and w2, whose output joins the residual stream), y = residual + x W^T in one rounding.
 # Dimension letters: M rows of x (n samples), N output channels, K input channels, P splits of K.
 import dataclasses
 from dataclasses import dataclass
