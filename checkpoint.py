@@ -93,7 +93,7 @@ def read_tensors(f) -> dict:
 
 
 def fast_linears(model: Transformer):
-    # on CUDA, the wide bf16 layers' decode rows go to the Triton kernel (linear_triton.py), and
+    # on CUDA, the bf16 layers' decode rows go to the Triton kernel (linear_triton.use_for_decode), and
     # int4 layers also keep their weight for PyTorch's kernel (quantize.Int4Linear.pack_for_cuda)
     if model.output.weight.is_cuda:
         from linear_triton import use_for_decode
