@@ -100,8 +100,8 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
                      + [(f"triton {kind} swiglu", f"{kind} swiglu", lambda *a, k=kind: run_linear(
                          *a, group=INT4_GROUP if k == "int4" else 0, swiglu=True), default_tiles(kind, N))
                         for kind in weights if name == "w13"]
-                     + [("triton bf16 residual", "bf16 residual", lambda x, w, s: run_linear(x, w, s, residual=res),
-                         default_tiles("bf16", N)) for kind in weights if kind == "bf16" and name in ("wo", "w2")])
+                     + ([("triton bf16 residual", "bf16 residual", lambda x, w, s: run_linear(x, w, s, residual=res),
+                          default_tiles("bf16", N))] if "bf16" in weights and name in ("wo", "w2") else []))
             res = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)  # (M, N)
             kinds["bf16 residual"], expected["bf16 residual"] = kinds["bf16"], expected["bf16"] + res.float()
             for path, kind, fn, t in paths:

@@ -94,7 +94,7 @@ def test_bifurcated_equals_standard_bf16(n_kv_heads):
     for a, b in zip(step_logits(model, "bifurcated", prompt, tokens), std):
         assert rel_err(a, b) < 1e-2
     # as checkpoint.load_model runs it on CUDA: the linear layers on the Triton kernel, the residual
-    # adds in it; and that step compiled
+    # adds in it (compiled: test_compiled_layers_on_triton_match_eager)
     pytest.importorskip("linear_triton").use_for_decode(model)
     for a, b in zip(step_logits(model, "bifurcated", prompt, tokens), std):
         assert rel_err(a, b) < 1e-2
