@@ -205,7 +205,9 @@ def _rope_store_kernel(Q, K, V, Freqs, Q_out, K_dec, V_dec, Slot, START, T, ROW_
 class Tiles:
     """Launch parameters of the context kernel: the defaults serve the op; scripts/bench_attention.py
     times others."""
-    max_rows: int = 128  # query rows per block, at most (the dot needs at least 16)
+    # query rows per block, at most (the dot needs at least 16); above 64 rows per KV head (GQA n >= 32,
+    # MHA n >= 128) more row blocks and fewer, longer context splits stream faster (attention-rows64.md)
+    max_rows: int = 64
     block_n: int = 64  # keys per inner step
     waves: int = 2  # thread blocks per SM that the context split aims for
     stages: int = 3  # software-pipelining depth of the key/value loads

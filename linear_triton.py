@@ -251,15 +251,17 @@ class TritonLinear(nn.Module):
 
 def use_for_decode(model: Transformer):
     """On CUDA, swap the bf16/fp16 nn.Linear layers with at least NARROW outputs (after any tensor
-    parallel sharding) for TritonLinear: the MLP's activation goes into w13 (quantize.py's layers too),
-    the residual adds into wo and w2 (unless tensor parallelism sums their outputs across ranks first)."""
+    parallel sharding) for TritonLinear: the MLP's activation goes into w13, the residual adds into wo
+    and w2 (unless tensor parallelism sums their outputs across ranks first); quantize.py's layers take
+    the same flags."""
     def swap(parent: nn.Module, name: str, **flags):
         layer = getattr(parent, name)
         if (type(layer) is nn.Linear and layer.out_features >= NARROW and layer.weight.is_cuda
                 and layer.weight.dtype in (torch.bfloat16, torch.float16) and not layer._forward_hooks):
             setattr(parent, name, TritonLinear(layer.weight, **flags))
-        elif flags.get("swiglu") and hasattr(layer, "swiglu") and layer.weight.is_cuda:  # quantize.py's layers
-            layer.swiglu = True
+        elif hasattr(layer, "swiglu") and layer.weight.is_cuda and not layer._forward_hooks:  # quantize.py's layers
+            for flag, value in flags.items():
+                setattr(layer, flag, value)
 
     for block in model.layers:
         swap(block.attention, "wqkv")

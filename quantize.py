@@ -115,6 +115,7 @@ def dequantize_int4(packed: Tensor, scales_and_zeros: Tensor, groupsize: int) ->
 # torch.device("meta")) and filled by load_state_dict(assign=True).
 class Int8Linear(nn.Module):
     swiglu = False  # the MLP's [gate; up] layer returning silu(gate) * up (set by linear_triton on CUDA)
+    adds_residual = False  # forward(x, residual) returns residual + x W^T (set by linear_triton on CUDA)
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -128,16 +129,16 @@ class Int8Linear(nn.Module):
     def take_cols(self, start: int, stop: int):  # the scales are per output channel: all kept
         self.weight = self.weight[:, start:stop].contiguous()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if triton_linear is not None and x.is_cuda:  # one Triton kernel: 1 byte read per weight
-            return triton_linear(x, self.weight, self.scales, swiglu=self.swiglu)
+            return triton_linear(x, self.weight, self.scales, swiglu=self.swiglu, residual=residual)
         # the per-channel scale commutes with the matmul
         y = F.linear(x, self.weight.to(x.dtype)) * self.scales
-        return swiglu(y) if self.swiglu else y
+        return finish(y, self.swiglu, residual)
 
 
 class Int4Linear(nn.Module):
-    swiglu = False  # as Int8Linear's
+    swiglu = adds_residual = False  # as Int8Linear's
 
     def __init__(self, in_features: int, out_features: int, groupsize: int):
         super().__init__()
@@ -170,16 +171,22 @@ class Int4Linear(nn.Module):
         if inner_k_tiles is not None and self.out_features % 8 == 0:
             self.tinygemm = torch._convert_weight_to_int4pack(self.weight.contiguous(), inner_k_tiles)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         rows = x.numel() // self.in_features
         if self.tinygemm is not None and x.is_cuda and x.dtype == torch.bfloat16 and rows <= TINYGEMM_ROWS:
             y = torch._weight_int4pack_mm(x.reshape(rows, -1), self.tinygemm, self.groupsize, self.scales_and_zeros)
-            y = y.reshape(*x.shape[:-1], self.out_features)
-            return swiglu(y) if self.swiglu else y
+            return finish(y.reshape(*x.shape[:-1], self.out_features), self.swiglu, residual)
         if triton_linear is not None and x.is_cuda:  # one Triton kernel: half a byte read per weight
-            return triton_linear(x, self.weight, self.scales_and_zeros, self.groupsize, swiglu=self.swiglu)
+            return triton_linear(x, self.weight, self.scales_and_zeros, self.groupsize, swiglu=self.swiglu,
+                                 residual=residual)
         y = F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize).to(x.dtype))
-        return swiglu(y) if self.swiglu else y
+        return finish(y, self.swiglu, residual)
+
+
+def finish(y: Tensor, swiglu_: bool, residual: Optional[Tensor]) -> Tensor:
+    # what the Triton kernel's epilogue does, for the other paths: the activation, or the residual add
+    y = swiglu(y) if swiglu_ else y
+    return y if residual is None else residual + y
 
 
 def swap_linears(model: Transformer, mode: str, groupsize: Optional[int] = None) -> Transformer:

@@ -71,7 +71,11 @@ def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], sa
             if name == "reference" and not small:
                 continue
             fn = bifurcated_attention if tiles is None else lambda *a, t=tiles: run_decode_attention(*a, tiles=t)
-            err = ((fn(*sets[0]).float() - expected).norm() / expected.norm()).item()
+            try:
+                err = ((fn(*sets[0]).float() - expected).norm() / expected.norm()).item()
+            except triton.runtime.errors.OutOfResources as e:  # tiles too large for this GPU
+                print(f"| {Hkv} | {M} | {n} | {name} | {tiles} | does not fit: {e} | | |")
+                continue
             if err > 1e-2:  # a fast wrong variant is no candidate
                 print(f"| {Hkv} | {M} | {n} | {name} | {tiles} | wrong: relative error {err:.3g} | | |")
                 continue

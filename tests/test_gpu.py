@@ -199,7 +199,7 @@ def test_layers_on_triton_match_cublas():
     # checkpoint.load_model puts the bf16 layers on the Triton kernel, the residual adds inside
     linear_triton = pytest.importorskip("linear_triton")
     cfg = dataclasses.replace(ModelArgs.from_name("tiny-gqa"), n_layer=2, dim=4096, n_head=32, n_kv_heads=8,
-                              vocab_size=8192, intermediate_size=4096)
+                              head_dim=128, vocab_size=8192, intermediate_size=4096)  # every layer >= NARROW outputs
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Transformer(cfg).to(torch.bfloat16).eval()
@@ -216,3 +216,31 @@ def test_layers_on_triton_match_cublas():
         assert block.attention.wo.adds_residual and block.feed_forward.w2.adds_residual
         assert rel_err(model(idx, pos), ref) < 1e-2  # 64 rows: the Triton kernel
         assert rel_err(model(idx[:, :1], pos[:1])[:, 0], ref[:, 0]) < 1e-2  # 4 rows
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_layers_take_epilogues(mode, monkeypatch):
+    # use_for_decode gives quantize.py's w13 the activation and wo and w2 the residual add; the model
+    # with them, on the Triton kernel (and PyTorch's int4 kernel for few rows), matches the same weights
+    # dequantized through cuBLAS
+    linear_triton = pytest.importorskip("linear_triton")
+    cfg = dataclasses.replace(ModelArgs.from_name("tiny-gqa"), n_layer=2, dim=1024, n_head=8, n_kv_heads=2,
+                              head_dim=128, vocab_size=4096, intermediate_size=2048)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = quantize.quantize_model(Transformer(cfg).to(torch.bfloat16), mode).eval()
+    model.setup(16)
+    idx, pos = torch.randint(0, cfg.vocab_size, (4, 16), device="cuda"), torch.arange(16, device="cuda")
+    with torch.no_grad():
+        with monkeypatch.context() as m:
+            m.setattr(quantize, "triton_linear", None)  # the plain paths: weights dequantized, cuBLAS
+            ref = model(idx, pos)
+        linear_triton.use_for_decode(model)
+        ff, attn = model.layers[0].feed_forward, model.layers[0].attention
+        assert ff.w13.swiglu and ff.w2.adds_residual and attn.wo.adds_residual and not attn.wqkv.adds_residual
+        assert rel_err(model(idx, pos), ref) < 1e-2  # 64 rows
+        assert rel_err(model(idx[:, :1], pos[:1])[:, 0], ref[:, 0]) < 1e-2  # 4 rows
+        for module in model.modules():  # int4: 4 rows on PyTorch's kernel, the residual added after it
+            if hasattr(module, "pack_for_cuda"):
+                module.pack_for_cuda()
+        assert rel_err(model(idx[:, :1], pos[:1])[:, 0], ref[:, 0]) < 1e-2
