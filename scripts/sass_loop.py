@@ -1,0 +1,61 @@
+# The instructions of linear_triton's main loop, without a GPU: compiles _linear_kernel for sm_90
+# with Triton's own compiler and ptxas (pointers and sizes marked 16-aligned, as at a real launch,
+# so that the loads are pipelined), disassembles it with cuobjdump, and counts the opcodes of the
+# loop body (the code between a backward branch and its target), per thread, per K tile.
+#
+# An SM issues at most 4 warp instructions a clock and must take in about 11.5 bytes a clock for the
+# H100's 3 TB/s: a loop above about 0.35 warp instructions per weight byte cannot stream at full
+# bandwidth (bench/results/h100-80gb-hbm3/linear-int4-unpack.md).
+#
+#   python scripts/sass_loop.py int4 32 64 128 4      # weights (bf16, int8, int4), BLOCK_M, BLOCK_N, BLOCK_K, stages
+import collections
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import linear_triton as lt
+
+
+def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps: int = 4):
+    sig = {"X": "*bf16", "W": {"bf16": "*bf16", "int8": "*i8"}.get(kind, "*u8"), "S": "*bf16", "Out": "*bf16",
+           "Res": "*bf16", "M": "i32", "N": "i32", "K": "i32", "CHUNK": "i32"}
+    const = dict(SCALED=kind != "bf16", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                 GROUP=128 if kind == "int4" else 0, EVEN_K=True, SWIGLU=False, RESIDUAL=False, MAGIC=0x4300,
+                 BIAS=128.0)
+    sig.update({k: "constexpr" for k in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7, 8)}  # not M
+    k = triton.compile(ASTSource(lt._linear_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+    cubin = Path(f"/tmp/sass_loop_{os.getpid()}.cubin")
+    cubin.write_bytes(k.asm["cubin"])
+    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    sass = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    cubin.unlink()
+    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
+           (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
+    tile_bytes = block_n * block_k * {"bf16": 2, "int8": 1, "int4": 0.5}[kind]
+    print(f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} BLOCK_K={block_k} stages={stages} warps={warps}: "
+          f"{len(ins)} instructions, shared memory {k.metadata.shared} B, {tile_bytes:.0f} weight bytes per K tile")
+    for addr, text in ins:
+        target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:  # a backward branch: a loop
+            lo = int(target.group(1), 16)
+            body = [t for a, t in ins if lo <= a <= addr]
+            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+            print(f"  loop {lo:#x}-{addr:#x}: {len(body)} instructions per thread per K tile, "
+                  f"{len(body) * warps / tile_bytes:.3f} warp instructions per weight byte:",
+                  ", ".join(f"{op} {c}" for op, c in ops.most_common(16)))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (6, 7) or sys.argv[1] not in ("bf16", "int8", "int4"):
+        sys.exit(f"usage: {sys.argv[0]} bf16|int8|int4 BLOCK_M BLOCK_N BLOCK_K STAGES [WARPS]")
+    main(sys.argv[1], *map(int, sys.argv[2:]))
