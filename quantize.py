@@ -134,7 +134,7 @@ class Int8Linear(nn.Module):
             return triton_linear(x, self.weight, self.scales, swiglu=self.swiglu, residual=residual)
         # the per-channel scale commutes with the matmul
         y = F.linear(x, self.weight.to(x.dtype)) * self.scales
-        return finish(y, self.swiglu, residual)
+        return epilogue(y, self.swiglu, residual)
 
 
 class Int4Linear(nn.Module):
@@ -175,17 +175,17 @@ class Int4Linear(nn.Module):
         rows = x.numel() // self.in_features
         if self.tinygemm is not None and x.is_cuda and x.dtype == torch.bfloat16 and rows <= TINYGEMM_ROWS:
             y = torch._weight_int4pack_mm(x.reshape(rows, -1), self.tinygemm, self.groupsize, self.scales_and_zeros)
-            return finish(y.reshape(*x.shape[:-1], self.out_features), self.swiglu, residual)
+            return epilogue(y.reshape(*x.shape[:-1], self.out_features), self.swiglu, residual)
         if triton_linear is not None and x.is_cuda:  # one Triton kernel: half a byte read per weight
             return triton_linear(x, self.weight, self.scales_and_zeros, self.groupsize, swiglu=self.swiglu,
                                  residual=residual)
         y = F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize).to(x.dtype))
-        return finish(y, self.swiglu, residual)
+        return epilogue(y, self.swiglu, residual)
 
 
-def finish(y: Tensor, swiglu_: bool, residual: Optional[Tensor]) -> Tensor:
+def epilogue(y: Tensor, activate: bool, residual: Optional[Tensor]) -> Tensor:
     # what the Triton kernel's epilogue does, for the other paths: the activation, or the residual add
-    y = swiglu(y) if swiglu_ else y
+    y = swiglu(y) if activate else y
     return y if residual is None else residual + y
 
 
