@@ -9,7 +9,7 @@
 import json
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -154,15 +154,22 @@ class Transformer(nn.Module):
         # the whole sequence without a cache), () the one position of a decode step, or (B, 1)
         # each row's own position in a decode step (several prompts of different lengths).
         # last_only: logits of the last position alone (a long prompt's (S, V) logits are GBs).
+        x = self.hidden(idx, input_pos)  # (B, S, C)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.output(self.norm(x))  # (B, S, V)
+
+    def hidden(self, idx: Tensor, input_pos: Tensor, run_layer: Optional[Callable] = None) -> Tensor:
+        """The residual stream after the last layer, before the final norm: (B, S, C). With run_layer,
+        run_layer(layer, x, freqs_cis, input_pos) runs each layer (generate.py: one compiled graph
+        that serves every layer)."""
         if self.freqs_cis is None:
             raise RuntimeError("call model.setup(max_seq_len) before running the model")
         freqs_cis = self.freqs_cis[input_pos.view(-1) if input_pos.dim() < 2 else input_pos]  # ([B,] S, D/2, 2)
         x = self.tok_embeddings(idx)  # (B, S, C)
         for layer in self.layers:
-            x = layer(x, freqs_cis, input_pos)
-        if last_only:
-            x = x[:, -1:]  # (B, 1, C)
-        return self.output(self.norm(x))  # (B, S, V)
+            x = layer(x, freqs_cis, input_pos) if run_layer is None else run_layer(layer, x, freqs_cis, input_pos)
+        return x
 
 
 class TransformerBlock(nn.Module):

@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bifurcated import make_caches
-from generate import decode_step, load_model, random_prompt, resolve_device
+from generate import compile_step, decode_step, load_model, random_prompt, resolve_device
 
 
 @torch.no_grad()
@@ -25,9 +25,8 @@ def main(model: str, context: int, num_samples: int, attention: str, steps: int,
     m.setup(context + T, make_caches(attention, cfg, n, context, T, m.output.weight.dtype, dev))
     prompt = torch.tensor(random_prompt(context, cfg.vocab_size), device=dev)[None]  # (1, M)
     m(prompt, torch.arange(context, device=dev), last_only=True)  # prefill: fills the context cache
-    step = functools.partial(decode_step, m, temperature=0.8, top_k=None, top_p=1.0, vocab_size=cfg.vocab_size)
-    if compile:
-        step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    sampling = dict(temperature=0.8, top_k=None, top_p=1.0, vocab_size=cfg.vocab_size)
+    step = compile_step(m, dev, **sampling) if compile else functools.partial(decode_step, m, **sampling)
     tokens = torch.zeros(n, 1, dtype=torch.long, device=dev)
     pos = torch.tensor(context, device=dev)
     for _ in range(4):  # compilation and CUDA-graph recording, outside the profile

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bifurcated import bifurcated_attention, make_caches
-from generate import generate, sample_tokens
+from generate import generate, generate_many, sample_tokens
 from model import ModelArgs, Transformer
 
 CONFIGS = ["tiny-mha", "tiny-gqa", "tiny-mqa"]
@@ -167,3 +167,20 @@ def test_same_sizes_reuse_caches_and_step():
     assert model.last_run[1] is not caches and len(other.tokens) == 4
     model.setup(26)  # caches dropped by hand: the next run makes new ones
     assert generate(model, prompt, num_samples=4, max_new_tokens=6, seed=1).tokens == other.tokens
+
+
+def test_compiled_step_is_one_graph_for_all_layers():
+    # generate(compile=True): every layer through one compiled graph, the norm, head and sampling through
+    # a second, however deep the model; the same tokens as the eager step (greedy), several prompts too
+    import dataclasses
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(ModelArgs.from_name("tiny-gqa"), n_layer=4)).eval()
+    prompts = [prompt_ids(20), prompt_ids(13, seed=3)]
+    torch.compiler.reset()
+    torch._dynamo.utils.counters.clear()
+    kw = dict(num_samples=3, max_new_tokens=6, temperature=0.0)
+    for run in (lambda c: [generate(model, prompts[0], compile=c, **kw).tokens],
+                lambda c: [g.tokens for g in generate_many(model, prompts, prefix_ids=prompt_ids(9, seed=4),
+                                                           compile=c, **kw)]):
+        assert run(False) == run(True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4  # 2 for one prompt, 2 for several
