@@ -14,13 +14,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 import tp
 from bifurcated import CACHES, PrefixCache, check_memory, make_caches, plan_memory  # noqa: F401 (plan_memory: API)
+from compiled import decode_step
 from checkpoint import DEFAULT_CHECKPOINT, load_model, resolve_device, resolve_dtype  # noqa: F401 (API)
 from model import Transformer
 from tokenizer import Tokenizer
@@ -49,71 +50,14 @@ def sample_tokens(logits: Tensor, temperature: float, top_k: Optional[int], top_
     return (probs / race).argmax(dim=-1)
 
 
-def decode_step(model: Transformer, tokens: Tensor, input_pos: Tensor, temperature: float,
-                top_k: Optional[int], top_p: float, vocab_size: int, groups: int = 1) -> tuple[Tensor, Tensor]:
-    # tokens (n, 1) at position input_pos (), or (n, 1) per row -> next tokens (n,), their log-probs (n,)
-    return next_tokens(model, model.hidden(tokens, input_pos), temperature, top_k, top_p, vocab_size, groups)
-
-
 def next_tokens(model: Transformer, x: Tensor, temperature: float, top_k: Optional[int], top_p: float,
                 vocab_size: int, groups: int = 1) -> tuple[Tensor, Tensor]:
-    # x (n, 1, C) the last layer's output -> next tokens (n,), their log-probs (n,)
+    # x (n, 1, C) the last layer's output (the decode step's: compiled.decode_step) -> next tokens (n,),
+    # their log-probs (n,)
     logits = model.output(model.norm(x))[:, -1, :vocab_size].float()  # (n, V)
     nxt = sample_tokens(logits, temperature, top_k, top_p, groups)
     logprob = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None])[:, 0]  # (n,)
     return nxt, logprob
-
-
-def run_layer(layer: torch.nn.Module, x: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> Tensor:
-    return layer(x, freqs_cis, input_pos)
-
-
-def compile_step(model: Transformer, device: torch.device, **sampling) -> Callable:
-    """decode_step with torch.compile: the layers, all alike, go through one compiled graph (their
-    weights and caches are its inputs), so that compiling does not grow with depth; the final norm,
-    head and sampling through a second. On CUDA the whole step is then recorded once as a CUDA graph
-    and replayed (CUDAGraphStep)."""
-    layer = torch.compile(run_layer, fullgraph=True, dynamic=False)
-    tail = torch.compile(functools.partial(next_tokens, **sampling), fullgraph=True, dynamic=False)
-
-    def step(tokens: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-        return tail(model, model.hidden(tokens, input_pos, layer))
-
-    return CUDAGraphStep(step) if device.type == "cuda" else step
-
-
-class CUDAGraphStep:
-    """A decode step recorded as one CUDA graph: its first `warmup` calls run it as it is (they
-    compile it), the next records it, then each call copies its inputs into the recorded ones,
-    replays, and returns the recorded outputs (overwritten by the next call). The step has no host
-    syncs and static shapes; the caches it writes are the same tensors at every call."""
-
-    def __init__(self, step: Callable, warmup: int = 2):
-        self.step, self.warmup = step, warmup
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.inputs: tuple[Tensor, ...] = ()
-        self.outputs: tuple[Tensor, ...] = ()
-
-    def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        if self.graph is not None:
-            for mine, given in zip(self.inputs, inputs):
-                mine.copy_(given)
-            self.graph.replay()
-            return self.outputs
-        if self.warmup > 0:  # on a side stream, as CUDA graphs want of their warm-up
-            self.warmup -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.step(*inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        self.inputs = tuple(t.clone() for t in inputs)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = self.step(*self.inputs)
-        self.graph.replay()  # recording ran nothing: this call's step
-        return self.outputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +146,7 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
                 caches = [PrefixCache(n, cfg.n_kv_heads, cfg.head_dim, Mp, lens, T, dtype) for _ in model.layers]
         model.setup(M + T, caches)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size, groups=Np)
-        step = compile_step(model, device, **sampling) if compile else functools.partial(decode_step, model, **sampling)
+        step = decode_step(model, functools.partial(next_tokens, **sampling), device, compile)
         model.last_run = last = (key, caches, step)
     caches, step = last[1:]
     if device.type == "cuda":

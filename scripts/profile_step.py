@@ -13,7 +13,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bifurcated import make_caches
-from generate import compile_step, decode_step, load_model, random_prompt, resolve_device
+from compiled import decode_step
+from generate import load_model, next_tokens, random_prompt, resolve_device
 
 
 @torch.no_grad()
@@ -26,7 +27,7 @@ def main(model: str, context: int, num_samples: int, attention: str, steps: int,
     prompt = torch.tensor(random_prompt(context, cfg.vocab_size), device=dev)[None]  # (1, M)
     m(prompt, torch.arange(context, device=dev), last_only=True)  # prefill: fills the context cache
     sampling = dict(temperature=0.8, top_k=None, top_p=1.0, vocab_size=cfg.vocab_size)
-    step = compile_step(m, dev, **sampling) if compile else functools.partial(decode_step, m, **sampling)
+    step = decode_step(m, functools.partial(next_tokens, **sampling), dev, compile)
     tokens = torch.zeros(n, 1, dtype=torch.long, device=dev)
     pos = torch.tensor(context, device=dev)
     for _ in range(4):  # compilation and CUDA-graph recording, outside the profile

@@ -1,0 +1,64 @@
+# The decode step, and how it is compiled for a GPU. The layers are all alike, so they go through one compiled
+# graph whose inputs are each layer's weights and caches: compiling takes the same time for 2
+# layers or 80 (one graph for the whole step took 65-99 s for a 7B model on the H100). The final
+# norm, the head and the sampling go through a second graph. The step is then recorded once as a
+# CUDA graph and replayed: no launch overhead, no host sync.
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from model import Transformer
+
+
+def run_layer(layer: torch.nn.Module, x: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> Tensor:
+    return layer(x, freqs_cis, input_pos)
+
+
+def decode_step(model: Transformer, tail: Callable, device: torch.device, compile: bool) -> Callable:
+    """step(tokens, input_pos): tokens (n, 1) at position input_pos (), or (n, 1) per row, through the
+    layers, then tail(model, x) of the last layer's output x (n, 1, C) (generate.next_tokens: next
+    tokens and their log-probs). With compile, compiled as above, and a CUDAGraphStep on CUDA."""
+    layer = None  # run as they are
+    if compile:
+        layer = torch.compile(run_layer, fullgraph=True, dynamic=False)
+        tail = torch.compile(tail, fullgraph=True, dynamic=False)
+
+    def step(tokens: Tensor, input_pos: Tensor) -> tuple[Tensor, ...]:
+        return tail(model, model.hidden(tokens, input_pos, layer))
+
+    return CUDAGraphStep(step) if compile and device.type == "cuda" else step
+
+
+class CUDAGraphStep:
+    """A decode step recorded as one CUDA graph: its first `warmup` calls run it as it is (they
+    compile it), the next records it, then each call copies its inputs into the recorded ones,
+    replays, and returns the recorded outputs (overwritten by the next call). The step has no host
+    syncs and static shapes; the caches it writes are the same tensors at every call."""
+
+    def __init__(self, step: Callable, warmup: int = 2):
+        self.step, self.warmup = step, warmup
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.inputs: tuple[Tensor, ...] = ()
+        self.outputs: tuple[Tensor, ...] = ()
+
+    def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        if self.graph is not None:
+            for mine, given in zip(self.inputs, inputs):
+                mine.copy_(given)
+            self.graph.replay()
+            return self.outputs
+        if self.warmup > 0:  # on a side stream, as CUDA graphs want of their warm-up
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        self.inputs = tuple(t.clone() for t in inputs)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self.step(*self.inputs)
+        self.graph.replay()  # recording ran nothing: this call's step
+        return self.outputs
