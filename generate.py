@@ -21,8 +21,8 @@ from torch import Tensor
 
 import tp
 from bifurcated import CACHES, PrefixCache, check_memory, make_caches, plan_memory  # noqa: F401 (plan_memory: API)
-from compiled import decode_step
 from checkpoint import DEFAULT_CHECKPOINT, load_model, resolve_device, resolve_dtype  # noqa: F401 (API)
+from compiled import decode_step
 from model import Transformer
 from tokenizer import Tokenizer
 

@@ -161,7 +161,7 @@ class Transformer(nn.Module):
 
     def hidden(self, idx: Tensor, input_pos: Tensor, run_layer: Optional[Callable] = None) -> Tensor:
         """The residual stream after the last layer, before the final norm: (B, S, C). With run_layer,
-        run_layer(layer, x, freqs_cis, input_pos) runs each layer (generate.py: one compiled graph
+        run_layer(layer, x, freqs_cis, input_pos) runs each layer (compiled.py: one compiled graph
         that serves every layer)."""
         if self.freqs_cis is None:
             raise RuntimeError("call model.setup(max_seq_len) before running the model")
