@@ -7,8 +7,9 @@
 #   registers and the fp32 accumulator multiplied by the scale at the end, so 1 byte per weight is read;
 #   int4 (w4a16, GROUP > 0): W (N, K/2) uint8, input channel 2i in the high nibble, and a scale and
 #   zero point per group of GROUP input channels, S (K/GROUP, N, 2): w = (q - 8) scale + zero
-#   (quantize.py's layout), unpacked in registers and multiplied as raw nibbles on the tensor cores,
-#   each group's scale and zero point applied to the partial product: half a byte per weight.
+#   (quantize.py's layout), half a byte per weight. With bf16 x on a GPU (groups of 64 or more) each
+#   weight is dequantized to bf16 in registers (DEQ); else the raw nibbles are multiplied on the tensor
+#   cores and each group's scale and zero point applied to the partial product.
 # Above MAX_M rows (prefill) the product is compute-bound: the weight goes to x's dtype (int4: one
 # Triton pass) and cuBLAS multiplies.
 # Each program owns BLOCK_N output channels of all M rows over one slice of K (split-K): the splits
@@ -41,11 +42,49 @@ WIDE = 8192  # output channels from which a layer counts as wide (its tiles)
 NARROW = 4096  # bf16 layers from this many output channels take the kernel (128 programs of 32 fill the SMs)
 
 
+# int4 with bf16 x on a GPU (DEQ): the weight read as int16 words, 4 nibbles each (input channels 4c
+# in bits 4-7, 4c + 1 in 0-3, 4c + 2 in 12-15, 4c + 3 in 8-11: quantize.py's bytes, two at a time).
+# For each 32-bit register of two words, 4 registers, register r holding channel 4c + r of both words:
+# the pair of neighbours along K that the MMA operand takes, so nothing is reshuffled. Each weight:
+# the bits 0x4300 | q are the bf16 128 + q, minus 136 is q - 8 exactly, then one fused multiply-add
+# with the group's scale and zero point rounds w = (q - 8) scale + zero once to bf16. 4 products (x's
+# channels 4c + r) into one accumulator: no row sums of x, no per-group epilogue; 287 instructions a
+# K tile at 32 rows where the nibble products take 490 (scripts/sass_loop.py).
+_DEQUANT_INT4 = """{
+    .reg .b32 u0, u2, u3, a0, a1, a2, a3, one, off;
+    mov.b32 one, 0x3F803F80;
+    mov.b32 off, 0xC308C308;
+    shr.b32 u0, $4, 4;
+    shr.b32 u2, $4, 12;
+    shr.b32 u3, $4, 8;
+    lop3.b32 a0, u0, 0x000F000F, 0x43004300, 0xEA;
+    lop3.b32 a1, $4, 0x000F000F, 0x43004300, 0xEA;
+    lop3.b32 a2, u2, 0x000F000F, 0x43004300, 0xEA;
+    lop3.b32 a3, u3, 0x000F000F, 0x43004300, 0xEA;
+    fma.rn.bf16x2 a0, a0, one, off;
+    fma.rn.bf16x2 a1, a1, one, off;
+    fma.rn.bf16x2 a2, a2, one, off;
+    fma.rn.bf16x2 a3, a3, one, off;
+    fma.rn.bf16x2 $0, a0, $5, $6;
+    fma.rn.bf16x2 $1, a1, $5, $6;
+    fma.rn.bf16x2 $2, a2, $5, $6;
+    fma.rn.bf16x2 $3, a3, $5, $6;
+}"""
+
+
+@triton.jit
+def _dequant_int4(h, scale, zero, DEQ: tl.constexpr):
+    # h (BLOCK_N, BLOCK_K / 4) int16 words; scale, zero (BLOCK_N, 1) bf16 -> 4 (BLOCK_N, BLOCK_K / 4)
+    # tensors of bf16 bits, r: input channels 4c + r
+    return tl.inline_asm_elementwise(asm=DEQ, constraints="=r,=r,=r,=r,r,r,r", args=[h, scale, zero],
+                                     dtype=(tl.int16, tl.int16, tl.int16, tl.int16), is_pure=True, pack=2)
+
+
 @triton.jit
 def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
                    SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, MAGIC: tl.constexpr = 0,
-                   BIAS: tl.constexpr = 0.0):
+                   BIAS: tl.constexpr = 0.0, DEQ: tl.constexpr = None):
     nb, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     if SWIGLU:  # the weight's rows of this tile: gate f, up f, gate f + 1, up f + 1, ...
@@ -60,7 +99,10 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
     start = split * CHUNK
     kk = tl.arange(0, BLOCK_K)
     x_ptrs = X + rows[:, None] * K + start + kk[None, :]  # (BLOCK_M, BLOCK_K)
-    if GROUP:  # int4: BLOCK_K / 2 bytes of each row hold BLOCK_K weights
+    if DEQ is not None:  # int4 as int16 words: BLOCK_K / 4 of each row hold BLOCK_K weights
+        w_ptrs = (W.to(tl.pointer_type(tl.int16)) + cols[:, None].to(tl.int64) * (K // 4) + start // 4
+                  + tl.arange(0, BLOCK_K // 4)[None, :])
+    elif GROUP:  # int4: BLOCK_K / 2 bytes of each row hold BLOCK_K weights
         w_ptrs = W + cols[:, None].to(tl.int64) * (K // 2) + start // 2 + tl.arange(0, BLOCK_K // 2)[None, :]
     else:
         w_ptrs = W + cols[:, None].to(tl.int64) * K + start + kk[None, :]  # (BLOCK_N, BLOCK_K)
@@ -72,7 +114,19 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
         kmask = (k0 + kk < K)[None, :] if not EVEN_K else kk[None, :] < BLOCK_K  # (1, BLOCK_K)
         x = tl.load(x_ptrs, mask=rmask[:, None] & kmask, other=0.0)  # (BLOCK_M, BLOCK_K)
         # W is read once: evict it first, so that x and the partials keep their place in L2
-        if GROUP:  # the tile lies in one group (K is whole groups, GROUP a multiple of BLOCK_K)
+        if DEQ is not None:  # the tile lies in one group: its weights in bf16, 4 products
+            h = tl.load(w_ptrs, mask=cmask[:, None], other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K / 4)
+            sz = S + (k0 // GROUP * N + cols) * 2  # (BLOCK_N,) into (K / GROUP, N, 2)
+            w0, w1, w2, w3 = _dequant_int4(h, tl.load(sz, mask=cmask, other=0.0)[:, None],
+                                           tl.load(sz + 1, mask=cmask, other=0.0)[:, None], DEQ)
+            xa, xb = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 4, 2, 2)))  # channels 4c + (0, 2), 4c + (1, 3)
+            x0, x2 = tl.split(xa)  # (BLOCK_M, BLOCK_K / 4) each
+            x1, x3 = tl.split(xb)
+            acc = tl.dot(w0.to(x.dtype, bitcast=True), tl.trans(x0), acc)  # (BLOCK_N, BLOCK_M)
+            acc = tl.dot(w1.to(x.dtype, bitcast=True), tl.trans(x1), acc)
+            acc = tl.dot(w2.to(x.dtype, bitcast=True), tl.trans(x2), acc)
+            acc = tl.dot(w3.to(x.dtype, bitcast=True), tl.trans(x3), acc)
+        elif GROUP:  # the tile lies in one group (K is whole groups, GROUP a multiple of BLOCK_K)
             b = tl.load(w_ptrs, mask=cmask[:, None], other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K / 2) uint8
             # high nibbles hold the even input channels, low ones the odd: two products, no interleave
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # (BLOCK_M, BLOCK_K / 2) each
@@ -97,7 +151,7 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
             w = tl.load(w_ptrs, mask=cmask[:, None] & kmask, other=0.0, eviction_policy="evict_first")
             acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # (BLOCK_N, BLOCK_M); int8 -> bf16 is exact
         x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K // 2 if GROUP else BLOCK_K
+        w_ptrs += BLOCK_K // 4 if DEQ is not None else BLOCK_K // 2 if GROUP else BLOCK_K
     acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
     if SCALED and not GROUP:  # the per-channel scale commutes with the sum over K: once, in fp32
         acc *= tl.load(S + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -207,7 +261,9 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         M, N, K, chunk,  # S unused unless SCALED, Res unless RESIDUAL
         SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP=group,
         EVEN_K=K % block_k == 0, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        MAGIC=MAGIC[x.dtype][0], BIAS=MAGIC[x.dtype][1], num_warps=tiles.warps, num_stages=tiles.stages)
+        MAGIC=MAGIC[x.dtype][0], BIAS=MAGIC[x.dtype][1],
+        DEQ=_DEQUANT_INT4 if group and x.dtype == torch.bfloat16 and x.is_cuda and block_k >= 64 else None,
+        num_warps=tiles.warps, num_stages=tiles.stages)
     return part if P == 1 else part.sum(0).to(x.dtype)  # (M, N)
 
 

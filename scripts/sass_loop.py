@@ -29,7 +29,7 @@ def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps
            "Res": "*bf16", "M": "i32", "N": "i32", "K": "i32", "CHUNK": "i32"}
     const = dict(SCALED=kind != "bf16", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                  GROUP=128 if kind == "int4" else 0, EVEN_K=True, SWIGLU=False, RESIDUAL=False, MAGIC=0x4300,
-                 BIAS=128.0)
+                 BIAS=128.0, DEQ=lt._DEQUANT_INT4 if kind == "int4" and block_k >= 64 else None)
     sig.update({k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7, 8)}  # not M
     k = triton.compile(ASTSource(lt._linear_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),

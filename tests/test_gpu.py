@@ -154,6 +154,27 @@ def test_linear_kernel(kind, M, N, K, swiglu):
     assert rel_err(out[0], ref) < 1e-2
 
 
+@pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
+@pytest.mark.parametrize("group", [64, 128, 256])
+@pytest.mark.parametrize("M", [1, 5, 32, 64])
+def test_linear_kernel_int4_in_bf16(group, M, swiglu):
+    # groups of 64 and more, bf16 x: the weights dequantized to bf16 in registers (linear_triton.DEQ),
+    # against the fp64 product; a mean far from zero in some rows, so that the zero points matter
+    linear_triton = pytest.importorskip("linear_triton")
+    N, K = 1536, 2048
+    g = torch.Generator("cuda").manual_seed(group + M)
+    w = torch.randn(N, K, generator=g, device="cuda") * 0.02 + torch.randn(N, 1, generator=g, device="cuda") * 0.05
+    x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)  # (M, K)
+    packed, sz = quantize.quantize_int4(w, group)
+    ref = x.double() @ quantize.dequantize_int4(packed, sz, group).double().t()  # (M, N)
+    if swiglu:
+        assert rel_err(linear_triton.run_linear(x, packed, sz, group=group, swiglu=True), model_swiglu(ref)) < 1e-2
+    else:  # and the residual add
+        res = torch.randn(M, N, generator=g, device="cuda").to(torch.bfloat16)  # (M, N)
+        assert rel_err(linear_triton.run_linear(x, packed, sz, group=group), ref) < 1e-2
+        assert rel_err(linear_triton.run_linear(x, packed, sz, group=group, residual=res), ref + res.double()) < 1e-2
+
+
 @pytest.mark.parametrize("Hkv", [32, 8, 1])
 @pytest.mark.parametrize("Mp,lens", [(0, [100, 7, 513]), (4097, [1, 300]), (1000, [64])])
 def test_prefix_kernel_bf16(Hkv, Mp, lens):
