@@ -48,7 +48,7 @@ NARROW = 4096  # bf16 layers from this many output channels take the kernel (128
 # the pair of neighbours along K that the MMA operand takes, so nothing is reshuffled. Each weight:
 # the bits 0x4300 | q are the bf16 128 + q, minus 136 is q - 8 exactly, then one fused multiply-add
 # with the group's scale and zero point rounds w = (q - 8) scale + zero once to bf16. 4 products (x's
-# channels 4c + r) into one accumulator: no row sums of x, no per-group epilogue; 287 instructions a
+# channels 4c + r) into one accumulator: no row sums of x, no per-group epilogue; 286 instructions a
 # K tile at 32 rows where the nibble products take 490 (scripts/sass_loop.py).
 _DEQUANT_INT4 = """{
     .reg .b32 u0, u2, u3, a0, a1, a2, a3, one, off;
@@ -262,7 +262,8 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP=group,
         EVEN_K=K % block_k == 0, SWIGLU=swiglu, RESIDUAL=residual is not None,
         MAGIC=MAGIC[x.dtype][0], BIAS=MAGIC[x.dtype][1],
-        DEQ=_DEQUANT_INT4 if group and x.dtype == torch.bfloat16 and x.is_cuda and block_k >= 64 else None,
+        DEQ=(_DEQUANT_INT4 if group and x.dtype == scales.dtype == torch.bfloat16 and x.is_cuda and block_k >= 64
+             else None),
         num_warps=tiles.warps, num_stages=tiles.stages)
     return part if P == 1 else part.sum(0).to(x.dtype)  # (M, N)
 
