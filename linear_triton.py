@@ -19,7 +19,8 @@
 # fuses into the next op (the residual add, the activation). With one split the kernel writes y.
 # With SWIGLU (the MLP's fused gate and up layer, w13 = [w1; w3]), each program takes BLOCK_N / 2 gate
 # rows and the matching up rows, and writes silu(gate) * up: (M, N / 2), the activation never in memory.
-# With RESIDUAL (wo and w2, whose output joins the residual stream), y = residual + x W^T in one rounding.
+# With a residual (wo and w2, whose output joins the residual stream), y = residual + x W^T in one
+# rounding: in the kernel's epilogue (RESIDUAL) with one split, else added where the splits are summed.
 # Dimension letters: M rows of x (n samples), N output channels, K input channels, P splits of K.
 import dataclasses
 from dataclasses import dataclass
@@ -50,26 +51,28 @@ NARROW = 4096  # bf16 layers from this many output channels take the kernel (128
 # with the group's scale and zero point rounds w = (q - 8) scale + zero once to bf16. 4 products (x's
 # channels 4c + r) into one accumulator: no row sums of x, no per-group epilogue; 286 instructions a
 # K tile at 32 rows where the nibble products take 490 (scripts/sass_loop.py).
-_DEQUANT_INT4 = """{
-    .reg .b32 u0, u2, u3, a0, a1, a2, a3, one, off;
-    mov.b32 one, 0x3F803F80;
-    mov.b32 off, 0xC308C308;
-    shr.b32 u0, $4, 4;
-    shr.b32 u2, $4, 12;
-    shr.b32 u3, $4, 8;
-    lop3.b32 a0, u0, 0x000F000F, 0x43004300, 0xEA;
-    lop3.b32 a1, $4, 0x000F000F, 0x43004300, 0xEA;
-    lop3.b32 a2, u2, 0x000F000F, 0x43004300, 0xEA;
-    lop3.b32 a3, u3, 0x000F000F, 0x43004300, 0xEA;
-    fma.rn.bf16x2 a0, a0, one, off;
-    fma.rn.bf16x2 a1, a1, one, off;
-    fma.rn.bf16x2 a2, a2, one, off;
-    fma.rn.bf16x2 a3, a3, one, off;
-    fma.rn.bf16x2 $0, a0, $5, $6;
-    fma.rn.bf16x2 $1, a1, $5, $6;
-    fma.rn.bf16x2 $2, a2, $5, $6;
-    fma.rn.bf16x2 $3, a3, $5, $6;
-}"""
+_DEQUANT_INT4 = " ".join((  # one line: torch.compile copies the string into its generated code
+    "{",
+    ".reg .b32 u0, u2, u3, a0, a1, a2, a3, one, off;",
+    "mov.b32 one, 0x3F803F80;",
+    "mov.b32 off, 0xC308C308;",
+    "shr.b32 u0, $4, 4;",
+    "shr.b32 u2, $4, 12;",
+    "shr.b32 u3, $4, 8;",
+    "lop3.b32 a0, u0, 0x000F000F, 0x43004300, 0xEA;",
+    "lop3.b32 a1, $4, 0x000F000F, 0x43004300, 0xEA;",
+    "lop3.b32 a2, u2, 0x000F000F, 0x43004300, 0xEA;",
+    "lop3.b32 a3, u3, 0x000F000F, 0x43004300, 0xEA;",
+    "fma.rn.bf16x2 a0, a0, one, off;",
+    "fma.rn.bf16x2 a1, a1, one, off;",
+    "fma.rn.bf16x2 a2, a2, one, off;",
+    "fma.rn.bf16x2 a3, a3, one, off;",
+    "fma.rn.bf16x2 $0, a0, $5, $6;",
+    "fma.rn.bf16x2 $1, a1, $5, $6;",
+    "fma.rn.bf16x2 $2, a2, $5, $6;",
+    "fma.rn.bf16x2 $3, a3, $5, $6;",
+    "}",
+))
 
 
 @triton.jit
@@ -249,9 +252,11 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     x = x.contiguous()
     block_k = min(group, tiles.block_k or 128) if group else tiles.block_k or 256 // weight.element_size()
     n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    if swiglu or residual is not None:  # they need the whole sum over K: one split
+    if swiglu:  # the activation needs the whole sum over K: one split
         tiles = dataclasses.replace(tiles, splits=1)
     block_m, P, chunk = linear_plan(M, N, K, block_k, n_sm, tiles)
+    # the residual add: in the kernel's epilogue with one split, else where the splits are summed
+    residual, late = (None, residual) if P > 1 else (residual, None)
     # one split: y itself, in x's dtype; else fp32 partials (P, M, N), summed below
     part = torch.empty((M, N // 2) if swiglu else (M, N) if P == 1 else (P, M, N), device=x.device,
                        dtype=x.dtype if P == 1 else torch.float32)
@@ -265,7 +270,9 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         DEQ=(_DEQUANT_INT4 if group and x.dtype == scales.dtype == torch.bfloat16 and x.is_cuda and block_k >= 64
              else None),
         num_warps=tiles.warps, num_stages=tiles.stages)
-    return part if P == 1 else part.sum(0).to(x.dtype)  # (M, N)
+    if P == 1:
+        return part  # (M, N)
+    return (part.sum(0) if late is None else late.float() + part.sum(0)).to(x.dtype)  # (M, N), rounded once
 
 
 def dequantize_int4(weight: Tensor, scales_and_zeros: Tensor, group: int, dtype: torch.dtype) -> Tensor:

@@ -203,17 +203,20 @@ def test_many_prompts_compiled_matches_eager():
     assert runs[0] == runs[1]
 
 
+@pytest.mark.parametrize("kind", ["bf16", "int8"])  # int8 splits K: the add where the splits are summed
 @pytest.mark.parametrize("M", [1, 32, 65])  # 65: above the kernel's rows, cuBLAS + add
 @pytest.mark.parametrize("N,K", [(4096, 4096), (4096, 11008), (136, 96)])
-def test_linear_kernel_residual(M, N, K):
+def test_linear_kernel_residual(kind, M, N, K):
     # the residual add in the kernel's epilogue
     linear = pytest.importorskip("linear_triton").linear
     g = torch.Generator("cuda").manual_seed(M + N)
     x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)  # (M, K)
-    w = (torch.randn(N, K, generator=g, device="cuda") * 0.02).to(torch.bfloat16)  # (N, K)
+    w = torch.randn(N, K, generator=g, device="cuda") * 0.02  # (N, K)
+    w, s = (w.to(torch.bfloat16), None) if kind == "bf16" else quantize.quantize_int8(w)
+    ref = x.double() @ (w.double() if s is None else quantize.dequantize_int8(w, s).double()).t()  # (M, N)
     res = torch.randn(M, N, generator=g, device="cuda").to(torch.bfloat16)  # (M, N)
-    out = linear(x[None], w, residual=res[None])  # leading dims kept
-    assert out.shape == (1, M, N) and rel_err(out[0], x.double() @ w.double().t() + res.double()) < 1e-2
+    out = linear(x[None], w, s, residual=res[None])  # leading dims kept
+    assert out.shape == (1, M, N) and rel_err(out[0], ref + res.double()) < 1e-2
 
 
 def test_layers_on_triton_match_cublas():
@@ -261,6 +264,8 @@ def test_quantized_layers_take_epilogues(mode, monkeypatch):
         assert ff.w13.swiglu and ff.w2.adds_residual and attn.wo.adds_residual and not attn.wqkv.adds_residual
         assert rel_err(model(idx, pos), ref) < 1e-2  # 64 rows
         assert rel_err(model(idx[:, :1], pos[:1])[:, 0], ref[:, 0]) < 1e-2  # 4 rows
+        compiled = torch.compile(model, fullgraph=True, dynamic=False)  # the kernel's arguments in Inductor's code
+        assert rel_err(compiled(idx[:, :1], pos[:1])[:, 0], ref[:, 0]) < 1e-2
         for module in model.modules():  # int4: 4 rows on PyTorch's kernel, the residual added after it
             if hasattr(module, "pack_for_cuda"):
                 module.pack_for_cuda()
