@@ -1,6 +1,9 @@
 # Correctness on a GPU in bf16: bifurcated == standard attention (and == an fp64 reference), and the
 # compiled, CUDA-graphed decode step == the eager one. Skips where no GPU is present.
 import dataclasses
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -270,3 +273,23 @@ def test_quantized_layers_take_epilogues(mode, monkeypatch):
             if hasattr(module, "pack_for_cuda"):
                 module.pack_for_cuda()
         assert rel_err(model(idx[:, :1], pos[:1])[:, 0], ref[:, 0]) < 1e-2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("compile", ["--compile", "--no-compile"])
+def test_tp_on_two_gpus_equals_one(compile, tmp_path):
+    # the CLI under torchrun with NCCL, the decode step compiled and recorded as a CUDA graph with its
+    # all-reduces in it (or eager), against one GPU: the shipped model, greedy (its logits are peaked
+    # enough that bf16 rounding in another order does not flip a token), then sampling runs too
+    from test_tp import ROOT, torchrun
+    args = ["--prompt", "def fibonacci(n):", "--num_samples", "4", "--max_new_tokens", "48", "--device", "cuda",
+            "--temperature", "0", compile]
+    one = subprocess.run([sys.executable, "generate.py", *args, "--output", str(tmp_path / "one.jsonl")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(2, "generate.py", *args, "--output", str(tmp_path / "two.jsonl"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    read = lambda f: [json.loads(line)["tokens"] for line in (tmp_path / f).read_text().splitlines()]
+    assert read("one.jsonl") == read("two.jsonl")
+    sampled = torchrun(2, "generate.py", *args[:-3], "--temperature", "0.8", "--seed", "1", compile)
+    assert sampled.returncode == 0 and "x 2 ranks" in sampled.stdout, sampled.stderr[-3000:]
