@@ -1,7 +1,10 @@
 # Where the time of one decode step goes: the compiled, CUDA-graphed step of generate.py run a
-# number of times under torch.profiler, GPU time per kernel per step, largest first.
+# number of times under torch.profiler, GPU time per kernel per step, largest first. With --prefill,
+# the same for the prefill of a `--context`-token prompt (eager, as generate.py runs it), and its wall time.
 #
 #   python scripts/profile_step.py --model Llama-2-7B --context 8192 --num_samples 32
+#   python scripts/profile_step.py --context 1024 --prefill
+import time
 import argparse
 import functools
 import sys
@@ -19,13 +22,15 @@ from generate import load_model, next_tokens, random_prompt, resolve_device
 
 @torch.no_grad()
 def main(model: str, context: int, num_samples: int, attention: str, steps: int, compile: bool, top: int,
-         trace: str | None):
+         trace: str | None, prefill: bool):
     dev = resolve_device(None)
     m, _ = load_model("synthetic:" + model, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     cfg, n, T = m.config, num_samples, steps + 8
     m.setup(context + T, make_caches(attention, cfg, n, context, T, m.output.weight.dtype, dev))
     prompt = torch.tensor(random_prompt(context, cfg.vocab_size), device=dev)[None]  # (1, M)
     m(prompt, torch.arange(context, device=dev), last_only=True)  # prefill: fills the context cache
+    if prefill:
+        return profile_prefill(m, prompt, model, steps, top, trace)
     sampling = dict(temperature=0.8, top_k=None, top_p=1.0, vocab_size=cfg.vocab_size)
     step = decode_step(m, functools.partial(next_tokens, **sampling), dev, compile)
     tokens = torch.zeros(n, 1, dtype=torch.long, device=dev)
@@ -39,10 +44,31 @@ def main(model: str, context: int, num_samples: int, attention: str, steps: int,
             tokens = step(tokens, pos)[0][:, None].clone()
             pos += 1
         torch.cuda.synchronize()
+    report(prof, f"{model}, context {context}, n {num_samples}, {attention}", "step", steps, top, trace)
+
+
+def profile_prefill(m, prompt, model: str, steps: int, top: int, trace: str | None):
+    pos = torch.arange(prompt.shape[1], device=prompt.device)
+    walls = []
+    for _ in range(steps):  # wall time, host included
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m(prompt, pos, last_only=True)
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+    print(f"prefill wall time: median {1e3 * sorted(walls)[len(walls) // 2]:.1f} ms of {steps}")
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            m(prompt, pos, last_only=True)
+        torch.cuda.synchronize()
+    report(prof, f"{model}, prefill of {prompt.shape[1]} tokens", "prefill", steps, top, trace)
+
+
+def report(prof, title: str, unit: str, steps: int, top: int, trace: str | None):
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.device_time_total for e in kernels)
-    print(f"{model}, context {context}, n {num_samples}, {attention}: {total / steps / 1e3:.2f} ms of GPU time per step")
-    print("| kernel | us per step | share | calls per step |\n|---|---|---|---|")
+    print(f"{title}: {total / steps / 1e3:.2f} ms of GPU time per {unit}")
+    print(f"| kernel | us per {unit} | share | calls per {unit} |\n|---|---|---|---|")
     for e in sorted(kernels, key=lambda e: -e.device_time_total)[:top]:
         print(f"| {e.key[:90]} | {e.device_time_total / steps:.1f} | {100 * e.device_time_total / total:.1f}% "
               f"| {e.count / steps:.1f} |")
@@ -60,6 +86,7 @@ if __name__ == "__main__":
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--trace", help="also write a Chrome trace here")
+    p.add_argument("--prefill", action="store_true", help="profile the prefill of the prompt instead")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("error: needs a CUDA GPU", file=sys.stderr)
