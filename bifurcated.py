@@ -23,9 +23,9 @@ from torch import Tensor
 from model import causal_attention, rotate_heads_first
 
 try:  # the fused Triton kernels for CUDA; CPU-only installs have no Triton and use the reference
-    from bifurcated_triton import decode_attention, prefix_decode_attention, rope_store
+    from bifurcated_triton import decode_attention, prefix_decode_attention, rope_store, rope_store_context
 except ImportError:
-    decode_attention = prefix_decode_attention = rope_store = None
+    decode_attention = prefix_decode_attention = rope_store = rope_store_context = None
 
 
 def fast(q: Tensor) -> bool:  # the Triton kernels: CUDA, a head dim the tiles take
@@ -46,12 +46,10 @@ class BifurcatedCache(nn.Module):
         self.register_buffer("v_dec", torch.zeros(dec_shape, dtype=dtype), persistent=False)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> Tensor:
-        if input_pos.dim() == 1:  # prefill: q (1, H, M, D), k, v (1, Hkv, M, D) once rotated
-            q, k, v = rotate_heads_first(q, k, v, freqs_cis)
-            check_prefill(q, self.context_len)
-            self.k_ctx.copy_(k[0])
-            self.v_ctx.copy_(v[0])
-            return causal_attention(q, k, v)
+        if input_pos.dim() == 1:  # prefill: the prompt, batch 1, into the context cache
+            check_prefill(q.size(0), q.size(1), self.context_len)
+            q = store_context(q, k, v, freqs_cis, self.k_ctx, self.v_ctx)  # (1, H, M, D)
+            return causal_attention(q, self.k_ctx[None], self.v_ctx[None])
         # decode: q (n, 1, H, D), k, v (n, 1, Hkv, D); this step's slot in the decode part is
         # input_pos - M, a device tensor: no host sync
         M = self.context_len
@@ -76,7 +74,7 @@ class StandardCache(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> Tensor:
         q, k, v = rotate_heads_first(q, k, v, freqs_cis)  # (B, H, S, D), (B, Hkv, S, D) x 2
         if input_pos.dim() == 1:  # prefill once, then copy the context into every sample's row
-            check_prefill(q, self.context_len)
+            check_prefill(q.size(0), q.size(2), self.context_len)
             self.k[:, :, : self.context_len] = k  # (1, Hkv, M, D) broadcast to (n, Hkv, M, D)
             self.v[:, :, : self.context_len] = v
             return causal_attention(q, k, v)
@@ -114,17 +112,15 @@ class PrefixCache(nn.Module):
                 return prefix_decode_attention(q, *caches, pos, start)
             slot = (input_pos[0, 0] - Mp - self.prm_len[0]).view(1)  # (1,), a device tensor: no host sync
             return prefix_attention(store_decode(q, k, v, freqs_cis, self.k_dec, self.v_dec, slot), *caches, slot)
-        q, k, v = rotate_heads_first(q, k, v, freqs_cis)  # (1, H, S, D), (1, Hkv, S, D) x 2
         if self.filling is None:  # the prefix, batch 1, from position 0
-            check_prefill(q, Mp)
-            self.k_pre.copy_(k[0])
-            self.v_pre.copy_(v[0])
-            return causal_attention(q, k, v)
+            check_prefill(q.size(0), q.size(1), Mp)
+            q = store_context(q, k, v, freqs_cis, self.k_pre, self.v_pre)  # (1, H, Mp, D)
+            return causal_attention(q, self.k_pre[None], self.v_pre[None])
         # prompt p, batch 1, continuing the prefix: [prefix ; causal own]
         p, L = self.filling, self.prompt_lens[self.filling]
-        check_prefill(q, L)
-        self.k_prm[p, :, :L] = k[0]
-        self.v_prm[p, :, :L] = v[0]
+        check_prefill(q.size(0), q.size(1), L)
+        q = store_context(q, k, v, freqs_cis, self.k_prm[p], self.v_prm[p])  # (1, H, L, D)
+        k, v = self.k_prm[p : p + 1, :, :L], self.v_prm[p : p + 1, :, :L]  # (1, Hkv, L, D)
         keys = torch.cat([self.k_pre[None], k], dim=2), torch.cat([self.v_pre[None], v], dim=2)
         mask = torch.ones(L, Mp + L, dtype=torch.bool, device=q.device).tril(Mp)  # (L, Mp + L)
         return F.scaled_dot_product_attention(q, *keys, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
@@ -154,10 +150,23 @@ def store_decode(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, k_dec: Tens
     return q
 
 
-def check_prefill(q: Tensor, context_len: int):
-    if q.size(0) != 1 or q.size(2) != context_len:
+def store_context(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, k_ctx: Tensor, v_ctx: Tensor) -> Tensor:
+    """A prefill's q, k, v (1, S, H or Hkv, D): rotate q and k, store k and v in positions 0..S-1 of
+    k_ctx, v_ctx (Hkv, >= S, D); returns q, rotated, (1, H, S, D). On the GPU one kernel
+    (bifurcated_triton.rope_store_context); compiled code keeps the plain form, which Inductor fuses."""
+    if fast(q) and not torch.compiler.is_compiling():
+        return rope_store_context(q, k, v, freqs_cis, k_ctx, v_ctx)[None].transpose(1, 2)  # (1, H, S, D)
+    q, k, v = rotate_heads_first(q, k, v, freqs_cis)  # (1, H, S, D), (1, Hkv, S, D) x 2
+    S = q.size(2)
+    k_ctx[:, :S] = k[0]
+    v_ctx[:, :S] = v[0]
+    return q
+
+
+def check_prefill(batch: int, tokens: int, context_len: int):
+    if batch != 1 or tokens != context_len:
         raise ValueError(f"prefill takes the whole prompt of {context_len} tokens at batch 1, "
-                         f"got batch {q.size(0)} x {q.size(2)} tokens")
+                         f"got batch {batch} x {tokens} tokens")
 
 
 def partial_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:

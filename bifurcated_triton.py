@@ -6,7 +6,8 @@
 #      blocks (split-K) so that every SM streams a part of it; each returns its partial output,
 #      normalized, and its log-sum-exp.
 #   2. own + merge: for sample i and KV head j, its g query rows against its own filled decode
-#      slots, then the exact LSE merge of that with the context's partials of those rows, in fp32.
+#      slots, then the exact LSE merge of that with the context's partials of those rows, in fp32
+#      (for MHA, g = 1, a program per query row, on the CUDA cores).
 # More levels (a prefix shared by several prompts, then each prompt's own tokens) are more
 # launches of the context kernel into the same buffers, before the last one. Where the context is
 # split many ways (few samples) or a few samples have many decode slots, the samples' own slots go
@@ -150,6 +151,50 @@ def _own_merge_kernel(Q, K, V, O_part, L_part, Out, Slot, START, T, R_ALL, P: tl
 
 
 @triton.jit
+def _own_merge_row_kernel(Q, K, V, O_part, L_part, Out, Slot, START, T, R_ALL, P: tl.constexpr,
+                          QK_SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    # _own_merge_kernel for one query row, sample c and query head h (of KV head h // G), the scores on
+    # the CUDA cores; for MHA, where _own_merge_kernel's tl.dot pads the one row of each program to 16
+    # and its registers let 2 programs share an SM, so that with few filled slots its short programs
+    # wait on their latency. One warp a program: MHA n = 256, own + merge with 10 filled slots 59 -> 15 us,
+    # with 64 101 -> 91 us, with 128 the same (attention-own-row.md)
+    c, h = tl.program_id(0), tl.program_id(1)
+    j = h // G
+    d = tl.arange(0, D)
+    q = tl.load(Q + (c * HKV * G + h) * D + d).to(tl.float32)  # (D,) of q (B, H, 1, D)
+    length = tl.load(Slot).to(tl.int32) - START + 1
+    kv = (c * HKV + j).to(tl.int64) * T * D
+    m_i = tl.full([], float("-inf"), tl.float32)
+    l_i = tl.zeros([], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for n0 in range(0, length, BLOCK_N):  # filled slots only; slot 0 always is
+        keys = n0 + tl.arange(0, BLOCK_N)
+        kmask = keys < length
+        k = tl.load(K + kv + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+        v = tl.load(V + kv + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+        s = tl.where(kmask, tl.sum(q[None, :] * k, axis=1) * QK_SCALE, float("-inf"))  # (BLOCK_N,), log2 units
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: the first block holds slot 0
+        p = tl.math.exp2(s - m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)  # (D,)
+        m_i = m_new
+    part = j * R_ALL + c * G + h % G  # into (P, Hkv, R_ALL), split 0
+    for _ in tl.static_range(P):  # as _own_merge_kernel's merge
+        lse = tl.load(L_part + part)
+        o = tl.load(O_part + part * D + d)  # (D,)
+        m_new = tl.maximum(m_i, lse)
+        alpha = tl.math.exp2(m_i - m_new)
+        w = tl.math.exp2(lse - m_new)
+        l_i = l_i * alpha + w
+        acc = acc * alpha + w * o
+        m_i = m_new
+        part += HKV * R_ALL
+    tl.store(Out + (c * HKV * G + h) * D + d, (acc / l_i).to(Out.dtype.element_ty))
+
+
+@triton.jit
 def _merge_kernel(O_part, L_part, Out, R, G, HKV: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
                   BLOCK_P: tl.constexpr):
     # each split is a normalized output o_s with log2-sum-exp lse_s, i.e. an unnormalized sum
@@ -178,11 +223,12 @@ def _merge_kernel(O_part, L_part, Out, R, G, HKV: tl.constexpr, D: tl.constexpr,
 
 
 @triton.jit
-def _rope_store_kernel(Q, K, V, Freqs, Q_out, K_dec, V_dec, Slot, START, T, ROW_Q, ROW_K, ROW_V, F_ROW,
-                       H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr):
-    # row b, heads hb HEADS .. of [H query heads; HKV key heads]: RoPE on the (2i, 2i + 1) pairs in
-    # fp32 (model.apply_rotary_emb), q out to (B, H, 1, D), k into slot Slot[0] - START of K_dec (B, Hkv, T, D);
-    # and value heads hb HEADS .. (those below HKV) copied into their slot of V_dec
+def _rope_store_kernel(Q, K, V, Freqs, Q_out, K_dst, V_dst, Slot, START, DST_ROW, DST_HEAD, ROW_Q, ROW_K, ROW_V,
+                       F_ROW, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr):
+    # row b (a sample in a decode step, a token in a prefill), heads hb HEADS .. of [H query heads; HKV
+    # key heads]: RoPE on the (2i, 2i + 1) pairs in fp32 (model.apply_rotary_emb), q out to (rows, H, D),
+    # k to K_dst + b DST_ROW + head DST_HEAD + (Slot[0] - START) D; and value heads hb HEADS .. (those
+    # below HKV) copied to the same place of V_dst
     b, hb = tl.program_id(0), tl.program_id(1)
     h = hb * HEADS + tl.arange(0, HEADS)  # (HEADS,)
     d = tl.arange(0, D)
@@ -194,11 +240,11 @@ def _rope_store_kernel(Q, K, V, Freqs, Q_out, K_dec, V_dec, Slot, START, T, ROW_
     y = tl.reshape(tl.join(x0 * cos[None, :] - x1 * sin[None, :], x1 * cos[None, :] + x0 * sin[None, :]), (HEADS, D))
     slot = tl.load(Slot) - START
     tl.store(Q_out + (b * H + h[:, None]) * D + d[None, :], y.to(Q_out.dtype.element_ty), mask=is_q[:, None])
-    dec = ((b * HKV + h[:, None] - H) * T + slot) * D + d[None, :]  # (HEADS, D) into (B, Hkv, T, D)
-    tl.store(K_dec + dec, y.to(K_dec.dtype.element_ty), mask=is_k[:, None])
+    dst = b.to(tl.int64) * DST_ROW + slot * D + d[None, :]  # (1, D)
+    tl.store(K_dst + dst + (h[:, None] - H) * DST_HEAD, y.to(K_dst.dtype.element_ty), mask=is_k[:, None])
     is_v = h < HKV
     v = tl.load(V + b * ROW_V + h[:, None] * D + d[None, :], mask=is_v[:, None], other=0.0)
-    tl.store(V_dec + ((b * HKV + h[:, None]) * T + slot) * D + d[None, :], v, mask=is_v[:, None])
+    tl.store(V_dst + dst + h[:, None] * DST_HEAD, v, mask=is_v[:, None])
 
 
 @dataclass(frozen=True)
@@ -265,6 +311,11 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
         for lv in levels:
             launch_context(q, lv.k, lv.v, lv.lens, o_part, l_part, split0, lv.plan, tiles)
             split0 += lv.plan[1]
+        if G == 1:  # MHA: a row per program
+            torch.library.wrap_triton(_own_merge_row_kernel)[(B, H)](
+                q, k_dec, v_dec, o_part, l_part, out, slot, start, T, B * G, P=P, QK_SCALE=qk_scale(D), HKV=Hkv, G=G,
+                D=D, BLOCK_N=16, num_warps=1)
+            return out
         torch.library.wrap_triton(_own_merge_kernel)[(B, Hkv)](
             q, k_dec, v_dec, o_part, l_part, out, slot, start, T, B * G, P=P, QK_SCALE=qk_scale(D), HKV=Hkv, G=G, D=D,
             BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=tiles.block_n, num_warps=4, num_stages=2)
@@ -371,11 +422,34 @@ def rope_store(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, k_dec: Tensor
     k rotated and v stored in slot slot[0] - start of k_dec, v_dec (B, Hkv, T, D). One launch:
     bifurcated.store_decode in plain PyTorch."""
     B, _, H, D = q.shape
-    _, Hkv, T, _ = k_dec.shape
-    f = freqs_cis.reshape(-1, D)  # (1 or B, D): cos, sin of each pair
     out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
-    heads = 8
-    torch.library.wrap_triton(_rope_store_kernel)[(B, triton.cdiv(H + Hkv, heads))](
-        q, k, v, f, out, k_dec, v_dec, slot, start, T, q.stride(0), k.stride(0), v.stride(0), D if f.size(0) > 1 else 0,
-        H=H, HKV=Hkv, D=D, HEADS=heads, num_warps=4)
+    launch_rope_store(torch.library.wrap_triton(_rope_store_kernel), q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                      freqs_cis, out, k_dec, v_dec, slot, start, k_dec.stride(0), k_dec.stride(1))
     return out
+
+
+def rope_store_context(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, k_ctx: Tensor, v_ctx: Tensor) -> Tensor:
+    """A prefill's q, k, v (1, S, H or Hkv, D; views of the qkv product, before RoPE) and freqs_cis
+    (S, D/2, 2): k rotated and v stored in positions 0..S-1 of k_ctx, v_ctx (Hkv, >= S, D); q rotated
+    returned, (S, H, D). One launch for what takes a dozen eager kernels: bifurcated.store_context.
+    Eager only, so no op around it, and the kernel launched as it is (wrap_triton, which an op needs,
+    launches through the tracer's machinery outside one: slow)."""
+    _, S, H, D = q.shape
+    out = torch.empty(S, H, D, device=q.device, dtype=q.dtype)  # (S, H, D)
+    first = torch.zeros(1, dtype=torch.long, device=q.device)  # the slot: position 0 of each head
+    launch_rope_store(_rope_store_kernel, q[0], k[0], v[0], freqs_cis, out, k_ctx, v_ctx, first, 0, k_ctx.stride(1),
+                      k_ctx.stride(0))
+    return out
+
+
+def launch_rope_store(kernel, q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, out: Tensor, k_dst: Tensor,
+                      v_dst: Tensor, slot: Tensor, start: int, dst_row: int, dst_head: int):
+    # q (rows, H, D), k, v (rows, Hkv, D), each row's heads contiguous; row b's head h of k and v to
+    # k_dst + b dst_row + h dst_head + (slot[0] - start) D (v_dst with the same strides)
+    rows, H, D = q.shape
+    Hkv = k.size(1)
+    f = freqs_cis.reshape(-1, D)  # (1 or rows, D): cos, sin of each pair
+    heads = 8
+    kernel[(rows, triton.cdiv(H + Hkv, heads))](
+        q, k, v, f, out, k_dst, v_dst, slot, start, dst_row, dst_head, q.stride(0), k.stride(0), v.stride(0),
+        D if f.size(0) > 1 else 0, H=H, HKV=Hkv, D=D, HEADS=heads, num_warps=4)

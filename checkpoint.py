@@ -93,12 +93,12 @@ def read_tensors(f) -> dict:
 
 
 def fast_linears(model: Transformer):
-    # on CUDA, the bf16 layers' decode rows go to the Triton kernel (linear_triton.use_for_decode), and
+    # on CUDA, the bf16 layers' decode rows and the norms go to Triton kernels (linear_triton.use_kernels), and
     # int4 layers also keep their weight for PyTorch's kernel (quantize.Int4Linear.pack_for_cuda)
     if model.output.weight.is_cuda:
-        from linear_triton import use_for_decode
+        from linear_triton import use_kernels
 
-        use_for_decode(model)
+        use_kernels(model)
         for module in model.modules():
             if hasattr(module, "pack_for_cuda"):
                 module.pack_for_cuda()

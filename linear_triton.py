@@ -11,7 +11,7 @@
 #   weight is dequantized to bf16 in registers (DEQ); else the raw nibbles are multiplied on the tensor
 #   cores and each group's scale and zero point applied to the partial product.
 # Above MAX_M rows (prefill) the product is compute-bound: the weight goes to x's dtype (int4: one
-# Triton pass) and cuBLAS multiplies.
+# Triton pass) and cuBLAS multiplies; an eager prefill gets there without the op (forward_linear).
 # Each program owns BLOCK_N output channels of all M rows over one slice of K (split-K): the splits
 # give every SM `waves` programs to stream even when N / BLOCK_N is smaller than the SM count. Each
 # split writes its fp32 partial (P, M, N) and the wrapper sums them: deterministic (no atomics), no
@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from model import Transformer
+from model import RMSNorm, Transformer
 from model import swiglu as swiglu_activation
 
 # int4: the bits of the float BIAS with zero low bits, for x's dtype (BIAS + q exact for q < 16)
@@ -189,6 +189,48 @@ def _dequant_int4_kernel(W, S, Out, N, K, GROUP: tl.constexpr, BLOCK_N: tl.const
     tl.store(Out + offs, w.to(Out.dtype.element_ty), mask=cmask)
 
 
+# The prefill's neighbours of the products, run eagerly: PyTorch takes 8 kernels for an RMSNorm and 2
+# for a SwiGLU, each a pass over the activations and a launch from the host (a 1K-token prefill was
+# bound by its launches: profile-prefill.md). One kernel each, with the same roundings as model.py:
+# the norm in fp32, rounded to x's dtype, then times the gain; silu(gate) rounded, then times up.
+@triton.jit
+def _rms_norm_kernel(X, W, Y, C, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    x = tl.load(X + row * C + c, mask=c < C, other=0.0).to(tl.float32)  # (BLOCK,)
+    y = (x * tl.math.rsqrt(tl.sum(x * x, axis=0) / C + eps)).to(X.dtype.element_ty)  # type_as(x)
+    w = tl.load(W + c, mask=c < C, other=0.0)
+    tl.store(Y + row * C + c, (y.to(tl.float32) * w.to(tl.float32)).to(Y.dtype.element_ty), mask=c < C)
+
+
+@triton.jit
+def _swiglu_kernel(H, Y, F, BLOCK: tl.constexpr):
+    # row `row` of H (rows, 2F) = [gate; up] -> silu(gate) * up, (rows, F)
+    row, cb = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    c = cb * BLOCK + tl.arange(0, BLOCK)
+    gate = tl.load(H + row * 2 * F + c, mask=c < F, other=0.0).to(tl.float32)
+    up = tl.load(H + row * 2 * F + F + c, mask=c < F, other=0.0)
+    act = (gate / (1.0 + tl.exp(-gate))).to(Y.dtype.element_ty)
+    tl.store(Y + row * F + c, (act.to(tl.float32) * up.to(tl.float32)).to(Y.dtype.element_ty), mask=c < F)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """model.RMSNorm in one kernel: x (..., C), weight (C,). Eager only (TritonRMSNorm): launched as it is."""
+    C, x = x.shape[-1], x.contiguous()
+    y = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+    _rms_norm_kernel[(x.numel() // C,)](x, weight, y, C, eps, BLOCK=triton.next_power_of_2(C), num_warps=8)
+    return y
+
+
+def swiglu_rows(h: Tensor) -> Tensor:
+    """model.swiglu in one kernel: h (M, 2F) -> (M, F). Eager only (dense_linear): launched as it is."""
+    M, F, h = h.shape[0], h.shape[1] // 2, h.contiguous()
+    y = torch.empty(M, F, device=h.device, dtype=h.dtype)
+    block = 1024
+    _swiglu_kernel[(M, triton.cdiv(F, block))](h, y, F, BLOCK=block, num_warps=4)
+    return y
+
+
 @dataclass(frozen=True)
 class Tiles:
     """Launch parameters; default_tiles picks them per kind of weight, scripts/bench_linear.py times others."""
@@ -240,15 +282,8 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         raise ValueError(f"swiglu needs the gate and up rows stacked, an even N, got {N}")
     if swiglu and residual is not None:
         raise ValueError("swiglu and residual do not go together")
-    if M > MAX_M:  # prefill: the weight in x's dtype, then cuBLAS
-        if residual is not None and scales is None:  # the add in cuBLAS's epilogue, rounded once
-            return torch.addmm(residual, x, weight.t())
-        if group:
-            y = F.linear(x, dequantize_int4(weight, scales, group, x.dtype))  # (M, N)
-        else:
-            y = F.linear(x, weight.to(x.dtype))  # (M, N)
-            y = y if scales is None else y * scales
-        return swiglu_activation(y) if swiglu else y if residual is None else residual + y
+    if M > MAX_M:  # prefill, compiled (an eager prefill calls dense_linear itself: forward_linear)
+        return dense_linear(x, weight, scales, group, swiglu, residual, eager=False)
     kind = "int4" if group else "int8" if scales is not None else "bf16"
     tiles = tiles or default_tiles(kind, N)
     x = x.contiguous()
@@ -277,13 +312,34 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     return (part.sum(0) if late is None else late.float() + part.sum(0)).to(x.dtype)  # (M, N), rounded once
 
 
-def dequantize_int4(weight: Tensor, scales_and_zeros: Tensor, group: int, dtype: torch.dtype) -> Tensor:
-    """int4 (N, K/2) uint8 and (K/group, N, 2) -> (N, K) in dtype: quantize.dequantize_int4 in one pass."""
+def dense_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], group: int, swiglu: bool,
+                 residual: Optional[Tensor], eager: bool) -> Tensor:
+    # above MAX_M rows (prefill) the product is compute-bound: the weight in x's dtype, then cuBLAS.
+    # eager: called outside the op (forward_linear), so its Triton kernels launch as they are
+    # (wrap_triton, which an op needs, launches through the tracer's machinery outside one: slow),
+    # and the activation is one kernel (in compiled code Inductor fuses PyTorch's)
+    if residual is not None and scales is None:  # the add in cuBLAS's epilogue, rounded once
+        return torch.addmm(residual, x, weight.t())
+    if group:
+        y = F.linear(x, dequantize_int4(weight, scales, group, x.dtype, eager))  # (M, N)
+    else:
+        y = F.linear(x, weight.to(x.dtype))  # (M, N)
+        y = y if scales is None else y * scales
+    if swiglu:
+        return swiglu_rows(y) if eager and y.is_cuda else swiglu_activation(y)
+    return y if residual is None else residual + y
+
+
+def dequantize_int4(weight: Tensor, scales_and_zeros: Tensor, group: int, dtype: torch.dtype,
+                    eager: bool = False) -> Tensor:
+    """int4 (N, K/2) uint8 and (K/group, N, 2) -> (N, K) in dtype: quantize.dequantize_int4 in one pass.
+    eager: launched as it is (outside an op; dense_linear)."""
     N, K = weight.shape[0], weight.shape[1] * 2
     out = torch.empty(N, K, device=weight.device, dtype=dtype)
     block_n = 32
-    torch.library.wrap_triton(_dequant_int4_kernel)[(triton.cdiv(N, block_n), K // group)](
-        weight, scales_and_zeros, out, N, K, GROUP=group, BLOCK_N=block_n, num_warps=4)
+    kernel = _dequant_int4_kernel if eager else torch.library.wrap_triton(_dequant_int4_kernel)
+    kernel[(triton.cdiv(N, block_n), K // group)](weight, scales_and_zeros, out, N, K, GROUP=group, BLOCK_N=block_n,
+                                                  num_warps=4)
     return out
 
 
@@ -296,6 +352,19 @@ def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: in
     y = run_linear(x.reshape(-1, x.shape[-1]), weight, scales, group=group, swiglu=swiglu,
                    residual=None if residual is None else residual.reshape(-1, residual.shape[-1]))
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def forward_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0, swiglu: bool = False,
+                   residual: Optional[Tensor] = None) -> Tensor:
+    """The layers' entry to `linear` (same arguments). An eager call with more than MAX_M rows (the
+    prefill) goes to cuBLAS without the op: the op's dispatch costs the host more than a 1K-token
+    prefill's products take on the GPU (profile-prefill.md)."""
+    K = x.shape[-1]
+    if x.numel() > MAX_M * K and not torch.compiler.is_compiling():
+        y = dense_linear(x.reshape(-1, K), weight, scales, group, swiglu,
+                         None if residual is None else residual.reshape(-1, residual.shape[-1]), eager=True)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    return linear(x, weight, scales, group, swiglu, residual)
 
 
 class TritonLinear(nn.Module):
@@ -312,14 +381,24 @@ class TritonLinear(nn.Module):
         self.swiglu, self.adds_residual = swiglu, adds_residual
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return linear(x, self.weight, swiglu=self.swiglu, residual=residual)
+        return forward_linear(x, self.weight, swiglu=self.swiglu, residual=residual)
 
 
-def use_for_decode(model: Transformer):
+class TritonRMSNorm(RMSNorm):
+    """model.RMSNorm, in one kernel where it runs eagerly (the prefill); compiled code keeps the plain
+    form, which Inductor fuses with its neighbours."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() or not x.is_cuda:
+            return super().forward(x)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def use_kernels(model: Transformer):
     """On CUDA, swap the bf16/fp16 nn.Linear layers with at least NARROW outputs (after any tensor
     parallel sharding) for TritonLinear: the MLP's activation goes into w13, the residual adds into wo
     and w2 (unless tensor parallelism sums their outputs across ranks first); quantize.py's layers take
-    the same flags."""
+    the same flags. The RMSNorms become TritonRMSNorm."""
     def swap(parent: nn.Module, name: str, **flags):
         layer = getattr(parent, name)
         if (type(layer) is nn.Linear and layer.out_features >= NARROW and layer.weight.is_cuda
@@ -329,9 +408,19 @@ def use_for_decode(model: Transformer):
             for flag, value in flags.items():
                 setattr(layer, flag, value)
 
+    def swap_norm(parent: nn.Module, name: str):
+        norm = getattr(parent, name)
+        if type(norm) is RMSNorm and norm.weight.is_cuda:
+            fast = TritonRMSNorm(norm.weight.numel(), norm.eps)
+            fast.weight = norm.weight
+            setattr(parent, name, fast)
+
     for block in model.layers:
+        swap_norm(block, "attention_norm")
+        swap_norm(block, "ffn_norm")
         swap(block.attention, "wqkv")
         swap(block.attention, "wo", adds_residual=True)
         swap(block.feed_forward, "w13", swiglu=True)
         swap(block.feed_forward, "w2", adds_residual=True)
     swap(model, "output")
+    swap_norm(model, "norm")

@@ -31,7 +31,7 @@ from checkpoint import CHECKPOINT_FILE, check_state_dict, fast_linears, read_ten
 from model import ModelArgs, Transformer, swiglu
 
 try:  # the fused w8a16 / w4a16 Triton kernels for CUDA; CPU-only installs have no Triton
-    from linear_triton import linear as triton_linear
+    from linear_triton import forward_linear as triton_linear
 except ImportError:
     triton_linear = None
 

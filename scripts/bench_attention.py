@@ -6,6 +6,7 @@
 #
 #   python scripts/bench_attention.py                     # Llama-2-7B heads (MHA) and Mistral-7B's (GQA)
 #   python scripts/bench_attention.py --kv_heads 8 --contexts 8192 --samples 32 --sweep
+#   python scripts/bench_attention.py --kv_heads 32 --samples 256 --filled 10 64 128   # early and late steps
 import argparse
 import dataclasses
 import itertools
@@ -25,7 +26,7 @@ import bifurcated_triton
 from bifurcated import bifurcated_attention
 from bifurcated_triton import Tiles, context_partials, context_plan, run_decode_attention
 
-T, SLOT = 128, 63  # decode capacity, and a step half-way through it: 64 filled slots
+T = 128  # decode capacity
 SWEEP = [Tiles(max_rows=r, block_n=b, waves=w, stages=s)
          for r, b, w, s in itertools.product((64, 128), (32, 64, 128), (1, 2, 4), (3, 4))]
 
@@ -35,11 +36,11 @@ def read_bandwidth() -> float:
     return x.numel() * 2 / (triton.testing.do_bench_cudagraph(x.sum, return_mode="min") * 1e-3)
 
 
-def inputs(n: int, H: int, Hkv: int, M: int, D: int, copies: int) -> list[tuple]:
+def inputs(n: int, H: int, Hkv: int, M: int, D: int, filled: int, copies: int) -> list[tuple]:
     # several copies to rotate through, so that a context smaller than the L2 cache is still read
     # from memory, as in a real step where 32 layers' contexts pass through
     rnd = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)
-    slot = torch.tensor([SLOT], device="cuda")
+    slot = torch.tensor([filled - 1], device="cuda")
     return [(rnd(n, H, 1, D), rnd(Hkv, M, D), rnd(Hkv, M, D), rnd(n, Hkv, T, D), rnd(n, Hkv, T, D), slot)
             for _ in range(copies)]
 
@@ -52,18 +53,18 @@ def time_us(fn, sets: list[tuple]) -> float:
     return 1e3 * triton.testing.do_bench_cudagraph(all_sets, rep=100, return_mode="median") / len(sets)
 
 
-def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], samples: list[int], sweep: bool,
-         output: str | None):
+def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], samples: list[int], filled: list[int],
+         sweep: bool, output: str | None):
     bw = read_bandwidth()
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}: read {bw / 1e9:.0f} GB/s")
-    print("| Hkv | M | n | path | tiles (rows, splits, chunk) | us | GB/s | % of read bandwidth |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| Hkv | M | n | filled | path | tiles (rows, splits, chunk) | us | GB/s | % of read bandwidth |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for Hkv, M, n in itertools.product(kv_heads, contexts, samples):
+    for Hkv, M, n, f in itertools.product(kv_heads, contexts, samples, filled):
         D, H = head_dim, heads
-        nbytes = 2 * (2 * Hkv * M * D + 2 * n * Hkv * (SLOT + 1) * D + 2 * n * H * D)  # bf16
-        sets = inputs(n, H, Hkv, M, D, copies=max(2, -(-(200 << 20) // nbytes)))
+        nbytes = 2 * (2 * Hkv * M * D + 2 * n * Hkv * f * D + 2 * n * H * D)  # bf16
+        sets = inputs(n, H, Hkv, M, D, f, copies=max(2, -(-(200 << 20) // nbytes)))
         paths = [("reference", None)] + [("triton", t) for t in ([Tiles()] + (SWEEP if sweep else []))]
         small = n * H * M <= 2**28  # else the reference's (Hkv, n g, M) fp32 scores would not fit
         expected = (bifurcated_attention if small else run_decode_attention)(*sets[0]).float()
@@ -74,17 +75,17 @@ def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], sa
             try:
                 err = ((fn(*sets[0]).float() - expected).norm() / expected.norm()).item()
             except triton.runtime.errors.OutOfResources as e:  # tiles too large for this GPU
-                print(f"| {Hkv} | {M} | {n} | {name} | {tiles} | does not fit: {e} | | |")
+                print(f"| {Hkv} | {M} | {n} | {f} | {name} | {tiles} | does not fit: {e} | | |")
                 continue
             if err > 1e-2:  # a fast wrong variant is no candidate
-                print(f"| {Hkv} | {M} | {n} | {name} | {tiles} | wrong: relative error {err:.3g} | | |")
+                print(f"| {Hkv} | {M} | {n} | {f} | {name} | {tiles} | wrong: relative error {err:.3g} | | |")
                 continue
             us = time_us(fn, sets)
             plan = context_plan(n * H // Hkv, M, Hkv, n_sm, tiles) if tiles else None
-            row = dict(kv_heads=Hkv, context=M, n=n, path=name, tiles=dataclasses.asdict(tiles) if tiles else None,
-                       plan=plan, us=us, gbps=nbytes / us / 1e3, pct_of_bandwidth=100 * nbytes / (us * 1e-6) / bw)
+            row = dict(kv_heads=Hkv, context=M, n=n, filled=f, path=name,
+                       tiles=dataclasses.asdict(tiles) if tiles else None, plan=plan, us=us, gbps=nbytes / us / 1e3, pct_of_bandwidth=100 * nbytes / (us * 1e-6) / bw)
             rows.append(row)
-            print(f"| {Hkv} | {M} | {n} | {name} | {plan or ''} {tiles or ''} | {us:.1f} | {row['gbps']:.0f} "
+            print(f"| {Hkv} | {M} | {n} | {f} | {name} | {plan or ''} {tiles or ''} | {us:.1f} | {row['gbps']:.0f} "
                   f"| {row['pct_of_bandwidth']:.0f}% |", flush=True)
             if tiles == Tiles():  # where its time goes: the context launch alone, then the samples' own slots
                 row["context_us"] = time_us(context_partials, [s[:3] for s in sets])
@@ -95,9 +96,9 @@ def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], sa
                 bifurcated_triton.own_fused = fused
                 mine, other = ("own + merge launch", "own split + merge launches") if row["own_fused"] else \
                     ("own split + merge launches", "own + merge launch")
-                print(f"| | | | context launch | | {row['context_us']:.1f} | | |\n"
-                      f"| | | | {mine} | | {us - row['context_us']:.1f} | | |\n"
-                      f"| | | | other way: {other}, total | | {row['other_own_us']:.1f} | | |", flush=True)
+                print(f"| | | | | context launch | | {row['context_us']:.1f} | | |\n"
+                      f"| | | | | {mine} | | {us - row['context_us']:.1f} | | |\n"
+                      f"| | | | | other way: {other}, total | | {row['other_own_us']:.1f} | | |", flush=True)
         del sets
     if output:
         write_results(output, bw, rows)
@@ -115,6 +116,7 @@ if __name__ == "__main__":
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--samples", type=int, nargs="+", default=[1, 8, 32, 64, 256, 512])
+    p.add_argument("--filled", type=int, nargs="+", default=[64], help="filled decode slots (of 128)")
     p.add_argument("--sweep", action="store_true", help="also time 36 other tile choices")
     p.add_argument("--output", help="write every number to this JSON file")
     args = p.parse_args()

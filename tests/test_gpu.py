@@ -84,6 +84,45 @@ def test_rope_store_matches_plain(Hkv, per_row):
     assert torch.equal(caches[1], ref_caches[1])  # v: copied as it is
 
 
+@pytest.mark.parametrize("Hkv", [32, 8, 1])
+def test_rope_store_context_matches_plain(Hkv):
+    # the prefill's RoPE + context-cache write in one kernel == the same in plain PyTorch; a prompt
+    # that continues a prefix (positions from 300 on) into a level longer than it
+    from model import precompute_freqs_cis, rotate_heads_first
+    rope_store_context = pytest.importorskip("bifurcated_triton").rope_store_context
+    S, L, H, D = 1001, 1100, 32, 128
+    g = torch.Generator("cuda").manual_seed(Hkv)
+    q, k, v = torch.randn(1, S, (H + 2 * Hkv) * D, generator=g, device="cuda").to(torch.bfloat16).split(
+        [H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = q.view(1, S, H, D), k.view(1, S, Hkv, D), v.view(1, S, Hkv, D)  # views of one qkv product
+    freqs = precompute_freqs_cis(4096, D, 10000.0, None, "cuda")[300 : 300 + S]  # (S, D/2, 2)
+    caches = [torch.randn(Hkv, L, D, generator=g, device="cuda").to(torch.bfloat16) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    out = rope_store_context(q, k, v, freqs, *caches)[None].transpose(1, 2)  # (1, H, S, D)
+    ref, k_ref, v_ref = rotate_heads_first(q, k, v, freqs)  # (1, H, S, D), (1, Hkv, S, D) x 2
+    ref_caches[0][:, :S], ref_caches[1][:, :S] = k_ref[0], v_ref[0]
+    assert out.shape == ref.shape
+    # the same fp32 math; the kernel may fuse a multiply-add that PyTorch rounds twice: 1 bf16 step at most
+    torch.testing.assert_close(out, ref, rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(caches[0], ref_caches[0], rtol=2**-7, atol=1e-3)
+    assert torch.equal(caches[1], ref_caches[1])  # v copied as it is, and positions S.. untouched
+
+
+def test_prefill_norm_and_swiglu_kernels_match_plain():
+    from model import RMSNorm
+    lt = pytest.importorskip("linear_triton")
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(3, 333, 4096, generator=g, device="cuda").to(torch.bfloat16)
+    norm = RMSNorm(4096, 1e-5).to("cuda", torch.bfloat16)
+    norm.weight.data = torch.rand(4096, generator=g, device="cuda").to(torch.bfloat16) + 0.5
+    fast = lt.TritonRMSNorm(4096, 1e-5)
+    fast.weight = norm.weight
+    # the same roundings (fp32 norm to bf16, then times the gain); the sums' order differs: 1 bf16 step at most
+    torch.testing.assert_close(fast(x), norm(x), rtol=2**-7, atol=0)
+    h = 4 * torch.randn(999, 2 * 11008, generator=g, device="cuda").to(torch.bfloat16)
+    torch.testing.assert_close(lt.swiglu_rows(h), model_swiglu(h), rtol=2**-7, atol=1e-6)
+
+
 @pytest.mark.parametrize("n_kv_heads", [32, 8, 1])
 def test_bifurcated_equals_standard_bf16(n_kv_heads):
     # the Llama-2-7B layer shape, two layers, a context that is not a multiple of any block size
@@ -98,7 +137,7 @@ def test_bifurcated_equals_standard_bf16(n_kv_heads):
         assert rel_err(a, b) < 1e-2
     # as checkpoint.load_model runs it on CUDA: the linear layers on the Triton kernel, the residual
     # adds in it (compiled: test_compiled_layers_on_triton_match_eager)
-    pytest.importorskip("linear_triton").use_for_decode(model)
+    pytest.importorskip("linear_triton").use_kernels(model)
     for a, b in zip(step_logits(model, "bifurcated", prompt, tokens), std):
         assert rel_err(a, b) < 1e-2
 
@@ -110,7 +149,7 @@ def test_compiled_layers_on_triton_match_eager():
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Transformer(cfg).to(torch.bfloat16).eval()
-    pytest.importorskip("linear_triton").use_for_decode(model)
+    pytest.importorskip("linear_triton").use_kernels(model)
     prompt = torch.randint(0, cfg.vocab_size, (100,)).tolist()
     tokens = torch.randint(0, cfg.vocab_size, (8, 4), device="cuda")
     eager = step_logits(model, "bifurcated", prompt, tokens)
@@ -248,7 +287,7 @@ def test_layers_on_triton_match_cublas():
     idx, pos = torch.randint(0, cfg.vocab_size, (4, 16), device="cuda"), torch.arange(16, device="cuda")
     with torch.no_grad():
         ref = model(idx, pos)  # cuBLAS, plain norms and adds
-        linear_triton.use_for_decode(model)
+        linear_triton.use_kernels(model)
         block = model.layers[0]
         for layer in (model.output, block.attention.wqkv, block.attention.wo, block.feed_forward.w13,
                       block.feed_forward.w2):
@@ -261,7 +300,7 @@ def test_layers_on_triton_match_cublas():
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_layers_take_epilogues(mode, monkeypatch):
-    # use_for_decode gives quantize.py's w13 the activation and wo and w2 the residual add; the model
+    # use_kernels gives quantize.py's w13 the activation and wo and w2 the residual add; the model
     # with them, on the Triton kernel (and PyTorch's int4 kernel for few rows), matches the same weights
     # dequantized through cuBLAS
     linear_triton = pytest.importorskip("linear_triton")
@@ -276,7 +315,7 @@ def test_quantized_layers_take_epilogues(mode, monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(quantize, "triton_linear", None)  # the plain paths: weights dequantized, cuBLAS
             ref = model(idx, pos)
-        linear_triton.use_for_decode(model)
+        linear_triton.use_kernels(model)
         ff, attn = model.layers[0].feed_forward, model.layers[0].attention
         assert ff.w13.swiglu and ff.w2.adds_residual and attn.wo.adds_residual and not attn.wqkv.adds_residual
         assert rel_err(model(idx, pos), ref) < 1e-2  # 64 rows
