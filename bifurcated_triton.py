@@ -224,11 +224,12 @@ def _merge_kernel(O_part, L_part, Out, R, G, HKV: tl.constexpr, D: tl.constexpr,
 
 @triton.jit
 def _rope_store_kernel(Q, K, V, Freqs, Q_out, K_dst, V_dst, Slot, START, DST_ROW, DST_HEAD, ROW_Q, ROW_K, ROW_V,
-                       F_ROW, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr):
+                       F_ROW, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr,
+                       SLOT: tl.constexpr):
     # row b (a sample in a decode step, a token in a prefill), heads hb HEADS .. of [H query heads; HKV
     # key heads]: RoPE on the (2i, 2i + 1) pairs in fp32 (model.apply_rotary_emb), q out to (rows, H, D),
-    # k to K_dst + b DST_ROW + head DST_HEAD + (Slot[0] - START) D; and value heads hb HEADS .. (those
-    # below HKV) copied to the same place of V_dst
+    # k to K_dst + b DST_ROW + head DST_HEAD (+ (Slot[0] - START) D with SLOT); and value heads hb HEADS ..
+    # (those below HKV) copied to the same place of V_dst
     b, hb = tl.program_id(0), tl.program_id(1)
     h = hb * HEADS + tl.arange(0, HEADS)  # (HEADS,)
     d = tl.arange(0, D)
@@ -238,7 +239,9 @@ def _rope_store_kernel(Q, K, V, Freqs, Q_out, K_dst, V_dst, Slot, START, DST_ROW
     x0, x1 = tl.split(tl.reshape(x, (HEADS, D // 2, 2)))  # (HEADS, D/2) each
     cos, sin = tl.split(tl.reshape(tl.load(Freqs + b * F_ROW + d), (D // 2, 2)))  # (D/2,) each
     y = tl.reshape(tl.join(x0 * cos[None, :] - x1 * sin[None, :], x1 * cos[None, :] + x0 * sin[None, :]), (HEADS, D))
-    slot = tl.load(Slot) - START
+    slot = 0
+    if SLOT:  # else a prefill: row b's position is its own place, b DST_ROW
+        slot = tl.load(Slot) - START
     tl.store(Q_out + (b * H + h[:, None]) * D + d[None, :], y.to(Q_out.dtype.element_ty), mask=is_q[:, None])
     dst = b.to(tl.int64) * DST_ROW + slot * D + d[None, :]  # (1, D)
     tl.store(K_dst + dst + (h[:, None] - H) * DST_HEAD, y.to(K_dst.dtype.element_ty), mask=is_k[:, None])
@@ -436,20 +439,20 @@ def rope_store_context(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, k_ctx
     launches through the tracer's machinery outside one: slow)."""
     _, S, H, D = q.shape
     out = torch.empty(S, H, D, device=q.device, dtype=q.dtype)  # (S, H, D)
-    first = torch.zeros(1, dtype=torch.long, device=q.device)  # the slot: position 0 of each head
-    launch_rope_store(_rope_store_kernel, q[0], k[0], v[0], freqs_cis, out, k_ctx, v_ctx, first, 0, k_ctx.stride(1),
+    launch_rope_store(_rope_store_kernel, q[0], k[0], v[0], freqs_cis, out, k_ctx, v_ctx, None, 0, k_ctx.stride(1),
                       k_ctx.stride(0))
     return out
 
 
 def launch_rope_store(kernel, q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, out: Tensor, k_dst: Tensor,
-                      v_dst: Tensor, slot: Tensor, start: int, dst_row: int, dst_head: int):
+                      v_dst: Tensor, slot: Optional[Tensor], start: int, dst_row: int, dst_head: int):
     # q (rows, H, D), k, v (rows, Hkv, D), each row's heads contiguous; row b's head h of k and v to
-    # k_dst + b dst_row + h dst_head + (slot[0] - start) D (v_dst with the same strides)
+    # k_dst + b dst_row + h dst_head + (slot[0] - start) D (v_dst with the same strides; slot None: 0).
+    # kernel: _rope_store_kernel inside an op, wrapped by wrap_triton; as it is outside one
     rows, H, D = q.shape
     Hkv = k.size(1)
     f = freqs_cis.reshape(-1, D)  # (1 or rows, D): cos, sin of each pair
     heads = 8
     kernel[(rows, triton.cdiv(H + Hkv, heads))](
-        q, k, v, f, out, k_dst, v_dst, slot, start, dst_row, dst_head, q.stride(0), k.stride(0), v.stride(0),
-        D if f.size(0) > 1 else 0, H=H, HKV=Hkv, D=D, HEADS=heads, num_warps=4)
+        q, k, v, f, out, k_dst, v_dst, out if slot is None else slot, start, dst_row, dst_head, q.stride(0), k.stride(0), v.stride(0),
+        D if f.size(0) > 1 else 0, H=H, HKV=Hkv, D=D, HEADS=heads, SLOT=slot is not None, num_warps=4)

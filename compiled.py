@@ -2,8 +2,9 @@
 # one compiled graph whose inputs are each layer's weights and caches: compiling does not grow with
 # depth (a 7B model on the H100: 65-99 s as one graph for the whole step, 1-13 s this way; on a CPU,
 # 32 tiny layers: 53.9 s and 4.3 s). The final norm, the head and the sampling go
-# through a second graph. The step is then recorded once as a CUDA graph and replayed: no launch
-# overhead, no host sync.
+# through a second graph, with the decode loop's bookkeeping (DecodeLoop). The step is then recorded
+# once as a CUDA graph and replayed: no launch overhead, no host sync.
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -16,10 +17,10 @@ def run_layer(layer: torch.nn.Module, x: Tensor, freqs_cis: Tensor, input_pos: T
     return layer(x, freqs_cis, input_pos)
 
 
-def decode_step(model: Transformer, tail: Callable, device: torch.device, compile: bool) -> Callable:
+def decode_step(model: Transformer, tail: Callable, compile: bool) -> Callable:
     """step(tokens, input_pos): tokens (n, 1) at position input_pos (), or (n, 1) per row, through the
     layers, then tail(model, x) of the last layer's output x (n, 1, C) (generate.next_tokens: next
-    tokens and their log-probs). With compile, compiled as above, and a CUDAGraphStep on CUDA."""
+    tokens and their log-probs). With compile, compiled as above."""
     layer = None  # run as they are
     if compile:
         layer = torch.compile(run_layer, fullgraph=True, dynamic=False)
@@ -28,15 +29,51 @@ def decode_step(model: Transformer, tail: Callable, device: torch.device, compil
     def step(tokens: Tensor, input_pos: Tensor) -> tuple[Tensor, ...]:
         return tail(model, model.hidden(tokens, input_pos, layer))
 
-    return CUDAGraphStep(step) if compile and device.type == "cuda" else step
+    return step
+
+
+class DecodeLoop:
+    """The decode loop's state on the device, and advance(), one decode step that moves it on: the
+    tokens and log-probs so far, out and logprobs (B, T), column 0 filled by start(); each advance
+    fills the next column from the last token, at input_pos, then steps the position. The bookkeeping
+    is in the tail (compiled with it, a few fused stores); with compile on CUDA, advance is one CUDA
+    graph: nothing is copied in or out and the host only replays it. The state tensors are the same at
+    every run, so a later run of the same sizes reuses the graph."""
+
+    def __init__(self, model: Transformer, tail: Callable, B: int, T: int, input_pos: Tensor, compile: bool):
+        device = input_pos.device
+        self.out = torch.zeros(B, T, dtype=torch.long, device=device)  # (B, T)
+        self.logprobs = torch.zeros(B, T, device=device)  # (B, T)
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, 1): the last column's
+        self.input_pos = input_pos.clone()  # () or (B, 1): their position
+        self.col = torch.ones(1, dtype=torch.long, device=device)  # (1,): the column advance() fills
+        step = decode_step(model, functools.partial(self.record, tail), compile)
+        self.advance = functools.partial(step, self.tokens, self.input_pos)
+        if compile and device.type == "cuda":
+            self.advance = CUDAGraphStep(self.advance)
+
+    def start(self, first: Tensor, logprob: Tensor, input_pos: Tensor):
+        # first tokens (B,) and their log-probs (B,) from the prompt; input_pos: the first one's position
+        self.out[:, 0], self.logprobs[:, 0] = first, logprob
+        self.tokens.copy_(first[:, None])
+        self.input_pos.copy_(input_pos)
+        self.col.fill_(1)
+
+    def record(self, tail: Callable, model: Transformer, x: Tensor):
+        nxt, lp = tail(model, x)  # (B,) each
+        self.out.index_copy_(1, self.col, nxt[:, None])
+        self.logprobs.index_copy_(1, self.col, lp[:, None])
+        self.tokens.copy_(nxt[:, None])
+        self.input_pos.add_(1)
+        self.col.add_(1)
 
 
 class CUDAGraphStep:
     """A decode step recorded as one CUDA graph: its first `warmup` calls run it as it is (they
     compile it), the next records it, then each call copies its inputs into the recorded ones,
     replays, and returns the recorded outputs (overwritten by the next call). The step has no host
-    syncs and static shapes; the caches it writes are the same tensors at every call."""
-
+    syncs and static shapes; the tensors it reads and writes other than its inputs are the same at
+    every call."""
     def __init__(self, step: Callable, warmup: int = 2):
         self.step, self.warmup = step, warmup
         self.graph: Optional[torch.cuda.CUDAGraph] = None

@@ -22,7 +22,7 @@ from torch import Tensor
 import tp
 from bifurcated import CACHES, PrefixCache, check_memory, make_caches, plan_memory  # noqa: F401 (plan_memory: API)
 from checkpoint import DEFAULT_CHECKPOINT, load_model, resolve_device, resolve_dtype  # noqa: F401 (API)
-from compiled import decode_step
+from compiled import DecodeLoop
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -45,18 +45,19 @@ def sample_tokens(logits: Tensor, temperature: float, top_k: Optional[int], top_
         # drop a token when the tokens ranked above it already hold top_p of the mass
         drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p  # (n, V); the first is kept
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    race = torch.empty_like(probs[: probs.size(0) // groups]).exponential_(1).repeat(groups, 1)
-    return (probs / race).argmax(dim=-1)
+    race = torch.empty_like(logits[: logits.size(0) // groups]).exponential_(1).repeat(groups, 1)  # (n, V)
+    # the token of the largest softmax(logits) / race; the softmax's normalization does not move it,
+    # so no pass over the vocabulary for it: the largest logits - log(race)
+    return (logits - race.log()).argmax(dim=-1)
 
 
 def next_tokens(model: Transformer, x: Tensor, temperature: float, top_k: Optional[int], top_p: float,
                 vocab_size: int, groups: int = 1) -> tuple[Tensor, Tensor]:
-    # x (n, 1, C) the last layer's output (the decode step's: compiled.decode_step) -> next tokens (n,),
+    # x (n, 1, C) the last layer's output (the decode step's: compiled.DecodeLoop) -> next tokens (n,),
     # their log-probs (n,)
     logits = model.output(model.norm(x))[:, -1, :vocab_size].float()  # (n, V)
     nxt = sample_tokens(logits, temperature, top_k, top_p, groups)
-    logprob = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None])[:, 0]  # (n,)
+    logprob = logits.gather(-1, nxt[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # (n,): log_softmax's, at nxt
     return nxt, logprob
 
 
@@ -146,9 +147,13 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
                 caches = [PrefixCache(n, cfg.n_kv_heads, cfg.head_dim, Mp, lens, T, dtype) for _ in model.layers]
         model.setup(M + T, caches)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size, groups=Np)
-        step = decode_step(model, functools.partial(next_tokens, **sampling), device, compile)
-        model.last_run = last = (key, caches, step)
-    caches, step = last[1:]
+        if Np == 1:
+            input_pos = torch.tensor(M, device=device)  # one position for all rows
+        else:
+            input_pos = torch.tensor([Mp + L for L in lens], device=device).repeat_interleave(n)[:, None]  # (B, 1)
+        loop = DecodeLoop(model, functools.partial(next_tokens, **sampling), B, T, input_pos, compile)
+        model.last_run = last = (key, caches, loop, input_pos)
+    caches, loop, input_pos = last[1:]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the peak of this run: its caches and after
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
@@ -170,27 +175,16 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
     last_logits = last_logits[:, :vocab_size].float().repeat_interleave(n, dim=0)  # (B, V), prompt-major rows
     # each sample's first token is its own draw from its prompt's last logits
     first = sample_tokens(last_logits, temperature, top_k, top_p, groups=Np)  # (B,)
-    out = torch.zeros(B, T, dtype=torch.long, device=device)  # (B, T)
-    logprobs = torch.zeros(B, T, device=device)  # (B, T)
-    out[:, 0] = first
-    logprobs[:, 0] = torch.log_softmax(last_logits, dim=-1).gather(-1, first[:, None])[:, 0]
-    done = torch.isin(first, eos)  # (B,)
+    loop.start(first, torch.log_softmax(last_logits, dim=-1).gather(-1, first[:, None])[:, 0], input_pos)
     sync(device)
     t_prefill = time.perf_counter() - t0
 
     # Steady-state timing starts once compilation and CUDA-graph recording (first calls) are over.
     warmup = min(3 if compile else 0, T - 1)
-    if Np == 1:
-        input_pos = torch.tensor(M, device=device)  # one position for all rows
-    else:
-        input_pos = torch.tensor([Mp + L for L in lens], device=device).repeat_interleave(n)[:, None]  # (B, 1)
     bar = Progress(T - 1) if progress else None
     steps, t_warm, t1 = 0, 0.0, time.perf_counter()
     for i in range(1, T):
-        nxt, lp = step(out[:, i - 1 : i].clone(), input_pos)
-        out[:, i], logprobs[:, i] = nxt, lp
-        done |= torch.isin(nxt, eos)
-        input_pos += 1
+        loop.advance()  # fills column i of loop.out and loop.logprobs
         steps += 1
         if steps == warmup:
             sync(device)
@@ -198,14 +192,14 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
         if bar:
             bar.update(steps)
         # checking for "all done" syncs with the device, so only every 16 steps
-        if len(eos) and steps % 16 == 0 and bool(done.all()):
+        if len(eos) and steps % 16 == 0 and bool(torch.isin(loop.out[:, : i + 1], eos).any(1).all()):
             break
     sync(device)
     t_decode = time.perf_counter() - t1
     if bar:
         bar.close()
 
-    ids, lps = out[:, : steps + 1].tolist(), logprobs[:, : steps + 1].tolist()
+    ids, lps = loop.out[:, : steps + 1].tolist(), loop.logprobs[:, : steps + 1].tolist()
     eos_set = set(eos_ids)
     tokens, means, reasons = [], [], []
     for row, lp in zip(ids, lps):

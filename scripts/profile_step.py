@@ -1,4 +1,4 @@
-# Where the time of one decode step goes: the compiled, CUDA-graphed step of generate.py run a
+# Where the time of one decode step goes: generate.py's compiled, CUDA-graphed step (its DecodeLoop) run a
 # number of times under torch.profiler, GPU time per kernel per step, largest first. With --prefill,
 # the same for the prefill of a `--context`-token prompt (eager, as generate.py runs it), and its wall time.
 #
@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bifurcated import make_caches
-from compiled import decode_step
+from compiled import DecodeLoop
 from generate import load_model, next_tokens, random_prompt, resolve_device
 
 
@@ -32,17 +32,15 @@ def main(model: str, context: int, num_samples: int, attention: str, steps: int,
     if prefill:
         return profile_prefill(m, prompt, model, steps, top, trace)
     sampling = dict(temperature=0.8, top_k=None, top_p=1.0, vocab_size=cfg.vocab_size)
-    step = decode_step(m, functools.partial(next_tokens, **sampling), dev, compile)
-    tokens = torch.zeros(n, 1, dtype=torch.long, device=dev)
     pos = torch.tensor(context, device=dev)
+    loop = DecodeLoop(m, functools.partial(next_tokens, **sampling), n, T, pos, compile)  # as generate.py runs it
+    loop.start(torch.zeros(n, dtype=torch.long, device=dev), torch.zeros(n, device=dev), pos)
     for _ in range(4):  # compilation and CUDA-graph recording, outside the profile
-        tokens = step(tokens, pos)[0][:, None].clone()
-        pos += 1
+        loop.advance()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            tokens = step(tokens, pos)[0][:, None].clone()
-            pos += 1
+            loop.advance()
         torch.cuda.synchronize()
     report(prof, f"{model}, context {context}, n {num_samples}, {attention}", "step", steps, top, trace)
 
