@@ -74,6 +74,7 @@ class CUDAGraphStep:
     replays, and returns the recorded outputs (overwritten by the next call). The step has no host
     syncs and static shapes; the tensors it reads and writes other than its inputs are the same at
     every call."""
+
     def __init__(self, step: Callable, warmup: int = 2):
         self.step, self.warmup = step, warmup
         self.graph: Optional[torch.cuda.CUDAGraph] = None

@@ -357,8 +357,8 @@ def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: in
 def forward_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0, swiglu: bool = False,
                    residual: Optional[Tensor] = None) -> Tensor:
     """The layers' entry to `linear` (same arguments). An eager call with more than MAX_M rows (the
-    prefill) goes to cuBLAS without the op: the op's dispatch costs the host more than a 1K-token
-    prefill's products take on the GPU (profile-prefill.md)."""
+    prefill) goes to cuBLAS without the op: a 1K-token prefill is bound by the host's launches, and
+    the op's dispatch is host time on each of them (profile-prefill.md)."""
     K = x.shape[-1]
     if x.numel() > MAX_M * K and not torch.compiler.is_compiling():
         y = dense_linear(x.reshape(-1, K), weight, scales, group, swiglu,

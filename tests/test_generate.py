@@ -119,6 +119,15 @@ def test_eos_stops_samples():
     assert everything.tokens == [[], [], []] and everything.stats["steps"] < 64
 
 
+def test_sample_tokens_follow_softmax():
+    # the exponential race draws token i with probability softmax(logits / temperature)_i
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    draws = sample_tokens(logits.expand(40000, -1), 0.7, None, 1.0)  # (40000,)
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert (freq - torch.softmax(logits / 0.7, -1)).abs().max() < 0.01  # about 4 standard errors
+
+
 def test_sample_tokens_filters():
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 3
