@@ -454,5 +454,6 @@ def launch_rope_store(kernel, q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor
     f = freqs_cis.reshape(-1, D)  # (1 or rows, D): cos, sin of each pair
     heads = 8
     kernel[(rows, triton.cdiv(H + Hkv, heads))](
-        q, k, v, f, out, k_dst, v_dst, out if slot is None else slot, start, dst_row, dst_head, q.stride(0), k.stride(0), v.stride(0),
-        D if f.size(0) > 1 else 0, H=H, HKV=Hkv, D=D, HEADS=heads, SLOT=slot is not None, num_warps=4)
+        q, k, v, f, out, k_dst, v_dst, out if slot is None else slot, start, dst_row, dst_head,  # Slot unused if None
+        q.stride(0), k.stride(0), v.stride(0), D if f.size(0) > 1 else 0,
+        H=H, HKV=Hkv, D=D, HEADS=heads, SLOT=slot is not None, num_warps=4)

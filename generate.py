@@ -130,6 +130,10 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
     torch.manual_seed(seed)
     cfg, B = model.config, Np * n
     vocab_size = vocab_size or cfg.vocab_size
+    if Np == 1:  # the first decoded token's position
+        input_pos = torch.tensor(M, device=device)  # one position for all rows
+    else:
+        input_pos = torch.tensor([Mp + L for L in lens], device=device).repeat_interleave(n)[:, None]  # (B, 1)
     # A run of the same sizes and settings as the last one reuses its caches and compiled step:
     # no compilation, and its CUDA graphs still point at the same cache tensors.
     key = (attention, n, Mp, tuple(lens), T, compile, temperature, top_k, top_p, vocab_size)
@@ -147,13 +151,9 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
                 caches = [PrefixCache(n, cfg.n_kv_heads, cfg.head_dim, Mp, lens, T, dtype) for _ in model.layers]
         model.setup(M + T, caches)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size, groups=Np)
-        if Np == 1:
-            input_pos = torch.tensor(M, device=device)  # one position for all rows
-        else:
-            input_pos = torch.tensor([Mp + L for L in lens], device=device).repeat_interleave(n)[:, None]  # (B, 1)
         loop = DecodeLoop(model, functools.partial(next_tokens, **sampling), B, T, input_pos, compile)
-        model.last_run = last = (key, caches, loop, input_pos)
-    caches, loop, input_pos = last[1:]
+        model.last_run = last = (key, caches, loop)
+    caches, loop = last[1:]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the peak of this run: its caches and after
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
