@@ -3,7 +3,8 @@
 # depth (a 7B model on the H100: 65-99 s as one graph for the whole step, 1-13 s this way; on a CPU,
 # 32 tiny layers: 53.9 s and 4.3 s). The final norm, the head and the sampling go
 # through a second graph, with the decode loop's bookkeeping (DecodeLoop). The step is then recorded
-# once as a CUDA graph and replayed: no launch overhead, no host sync.
+# once as a CUDA graph and replayed: no launch overhead, no host sync. A short prompt's prefill runs
+# eagerly, then as a CUDA graph too (prefill_step).
 import functools
 from typing import Callable, Optional
 
@@ -68,12 +69,30 @@ class DecodeLoop:
         self.col.add_(1)
 
 
+GRAPH_PREFILL_MAX = 2048  # prompts of up to this many tokens prefill as a CUDA graph (prefill_step)
+
+
+def prefill_step(model: Transformer, S: int, compile: bool) -> Callable:
+    """prefill(ids): a prompt's ids (1, S) through the model, filling the caches, to its last position's
+    logits (1, 1, V). The prefill runs eagerly (its products are compute-bound; compiling every prompt
+    length would cost more than it saves), but a short one is bound by the host's launches: 1K tokens
+    of a 7B model on an H100 took 27-40 ms so, and 20.5 ms replayed as a CUDA graph (profile-prefill.md).
+    So with compile on CUDA, up to GRAPH_PREFILL_MAX tokens, the second run of a length records it as a
+    CUDA graph (the first runs it as it is) and later ones replay it with their own ids. The graph keeps
+    the activations of one prefill, which the memory planner's workspace counts."""
+    pos = torch.arange(S, device=model.output.weight.device)
+    step = lambda ids: model(ids, pos, last_only=True)
+    if compile and pos.is_cuda and S <= GRAPH_PREFILL_MAX:
+        return CUDAGraphStep(step, warmup=1)
+    return step
+
+
 class CUDAGraphStep:
-    """A decode step recorded as one CUDA graph: its first `warmup` calls run it as it is (they
-    compile it), the next records it, then each call copies its inputs into the recorded ones,
-    replays, and returns the recorded outputs (overwritten by the next call). The step has no host
-    syncs and static shapes; the tensors it reads and writes other than its inputs are the same at
-    every call."""
+    """A step (a decode step, a prefill) recorded as one CUDA graph: its first `warmup` calls run it as
+    it is (they compile it), the next records it, then each call copies its inputs into the recorded
+    ones, replays, and returns the recorded outputs (overwritten by the next call). The step has no
+    host syncs and static shapes; the tensors it reads and writes other than its inputs are the same
+    at every call."""
 
     def __init__(self, step: Callable, warmup: int = 2):
         self.step, self.warmup = step, warmup

@@ -22,7 +22,7 @@ from torch import Tensor
 import tp
 from bifurcated import CACHES, PrefixCache, check_memory, make_caches, plan_memory  # noqa: F401 (plan_memory: API)
 from checkpoint import DEFAULT_CHECKPOINT, load_model, resolve_device, resolve_dtype  # noqa: F401 (API)
-from compiled import DecodeLoop
+from compiled import DecodeLoop, prefill_step
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -134,8 +134,8 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
         input_pos = torch.tensor(M, device=device)  # one position for all rows
     else:
         input_pos = torch.tensor([Mp + L for L in lens], device=device).repeat_interleave(n)[:, None]  # (B, 1)
-    # A run of the same sizes and settings as the last one reuses its caches and compiled step:
-    # no compilation, and its CUDA graphs still point at the same cache tensors.
+    # A run of the same sizes and settings as the last one reuses its caches, compiled step and
+    # prefill: no compilation, and its CUDA graphs still point at the same cache tensors.
     key = (attention, n, Mp, tuple(lens), T, compile, temperature, top_k, top_p, vocab_size)
     last = getattr(model, "last_run", None)
     if not (last and last[0] == key and all(l.attention.kv_cache is c for l, c in zip(model.layers, last[1]))):
@@ -152,8 +152,8 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
         model.setup(M + T, caches)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size, groups=Np)
         loop = DecodeLoop(model, functools.partial(next_tokens, **sampling), B, T, input_pos, compile)
-        model.last_run = last = (key, caches, loop)
-    caches, loop = last[1:]
+        model.last_run = last = (key, caches, loop, prefill_step(model, M, compile) if Np == 1 else None)
+    caches, loop, prefill_one = last[1:]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the peak of this run: its caches and after
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
@@ -162,7 +162,7 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
     t0 = time.perf_counter()
     as_ids = lambda ids: torch.tensor(ids, dtype=torch.long, device=device)[None]  # (1, S)
     if Np == 1:
-        last_logits = model(as_ids(prompts[0]), torch.arange(M, device=device), last_only=True)[:, -1]  # (1, V)
+        last_logits = prefill_one(as_ids(prompts[0]))[:, -1]  # (1, V)
     else:  # the prefix once, then each prompt continuing from its keys and values
         def prefill(p: Optional[int], ids: list[int], start: int) -> Tensor:  # p None: the prefix
             for c in caches:

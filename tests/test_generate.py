@@ -169,7 +169,7 @@ def test_same_sizes_reuse_caches_and_step():
     model = Transformer(ModelArgs.from_name("tiny-mha")).eval()
     prompt = torch.randint(0, 512, (20,)).tolist()
     first = generate(model, prompt, num_samples=3, max_new_tokens=6, seed=1)
-    caches, step = model.last_run[1:]
+    caches, step = model.last_run[1:3]
     again = generate(model, prompt, num_samples=3, max_new_tokens=6, seed=1)
     assert model.last_run[1] is caches and model.last_run[2] is step and again.tokens == first.tokens
     other = generate(model, prompt, num_samples=4, max_new_tokens=6, seed=1)  # new sizes: new caches

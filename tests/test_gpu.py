@@ -182,6 +182,42 @@ def test_compiled_sampling_draws_fresh_numbers():
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+def test_prefill_graph_replays_new_prompts():
+    # with compile, the second run of a prompt length records its prefill as a CUDA graph, which
+    # later runs replay with their own tokens: the same samples as eager runs of those prompts
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
+    a, b = (torch.randint(0, 512, (50,)).tolist() for _ in range(2))
+    run = lambda p, c: generate(model, p, num_samples=4, max_new_tokens=16, temperature=0.0, compile=c).tokens
+    eager = [run(p, False) for p in (a, b)]
+    assert [run(p, True) for p in (a, a, b, a)] == [eager[0], eager[0], eager[1], eager[0]]
+    assert model.last_run[3].graph is not None
+
+
+def test_prefill_graph_of_kernels_matches_eager():
+    # the prefill as generate.py records it on a model with the Triton kernels (norms, RoPE + store,
+    # SwiGLU) and the cuBLAS products: replayed with new ids, the same logits and context cache
+    from bifurcated import make_caches
+    from compiled import prefill_step
+    cfg = dataclasses.replace(ModelArgs.from_name("Mistral-7B"), n_layer=2, vocab_size=4096, intermediate_size=4096)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(cfg).to(torch.bfloat16).eval()
+    pytest.importorskip("linear_triton").use_kernels(model)
+    S = 300
+    model.setup(S + 8, make_caches("bifurcated", cfg, 2, S, 8, torch.bfloat16, torch.device("cuda")))
+    a, b = torch.randint(0, cfg.vocab_size, (2, 1, S), device="cuda")
+    eager = model(b, torch.arange(S, device="cuda"), last_only=True).clone()
+    kv = model.layers[1].attention.kv_cache
+    cache = kv.k_ctx.clone(), kv.v_ctx.clone()
+    prefill = prefill_step(model, S, compile=True)
+    prefill(a), prefill(a)  # runs it, then records it
+    out = prefill(b)
+    assert prefill.graph is not None and rel_err(out, eager) < 1e-3
+    assert rel_err(kv.k_ctx, cache[0]) < 1e-3 and rel_err(kv.v_ctx, cache[1]) < 1e-3
+
+
 @pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("M", [1, 7, 32, 64, 65])  # 65: above the kernel's rows, cuBLAS takes it
