@@ -29,12 +29,23 @@ from tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
+def argmax_rows(x: Tensor, chunks: int = 64) -> Tensor:
+    # x (n, V) -> (n,), as x.argmax(-1) (the first of equal maxima), in two passes: the largest of each
+    # of a row's chunks, then of those, so that a few rows spread over many programs. Compiled, on the
+    # H100: one program per row took 24 us of a decode step at n = 1; 8K n = 1 6.78 -> 6.76 ms a step
+    n, V = x.shape
+    x = torch.nn.functional.pad(x, (0, -V % chunks), value=float("-inf")).view(n, chunks, -1)  # (n, chunks, V')
+    best, at = x.max(dim=-1)  # (n, chunks) each
+    c = best.argmax(dim=-1, keepdim=True)  # (n, 1)
+    return (c * x.size(-1) + at.gather(-1, c))[:, 0]
+
+
 def sample_tokens(logits: Tensor, temperature: float, top_k: Optional[int], top_p: float, groups: int = 1) -> Tensor:
     # logits (n, V) fp32 -> (n,) ids. No host sync: the exponential race below is Gumbel-max.
     # groups: the rows are that many prompts' samples, prompt-major, and each prompt draws the same
     # noise, so that its samples are those it would get alone with the same seed.
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (n, 1)
@@ -48,7 +59,7 @@ def sample_tokens(logits: Tensor, temperature: float, top_k: Optional[int], top_
     race = torch.empty_like(logits[: logits.size(0) // groups]).exponential_(1).repeat(groups, 1)  # (n, V)
     # the token of the largest softmax(logits) / race; the softmax's normalization does not move it,
     # so no pass over the vocabulary for it: the largest logits - log(race)
-    return (logits - race.log()).argmax(dim=-1)
+    return argmax_rows(logits - race.log())
 
 
 def next_tokens(model: Transformer, x: Tensor, temperature: float, top_k: Optional[int], top_p: float,

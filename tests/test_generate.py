@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bifurcated import bifurcated_attention, make_caches
-from generate import generate, generate_many, sample_tokens
+from generate import argmax_rows, generate, generate_many, sample_tokens
 from model import ModelArgs, Transformer
 
 CONFIGS = ["tiny-mha", "tiny-gqa", "tiny-mqa"]
@@ -117,6 +117,15 @@ def test_eos_stops_samples():
     everything = generate(model, prompt, num_samples=3, max_new_tokens=64, temperature=1.0, seed=0,
                           eos_ids=range(512))
     assert everything.tokens == [[], [], []] and everything.stats["steps"] < 64
+
+
+@pytest.mark.parametrize("V", [1, 63, 64, 1000, 32001])
+def test_argmax_rows_matches_argmax(V):
+    # the two-pass argmax: the same index as argmax, the first of equal maxima included
+    torch.manual_seed(0)
+    for x in (torch.randn(5, V), torch.randint(0, 3, (5, V)).float(), torch.full((2, V), float("-inf"))):
+        assert torch.equal(argmax_rows(x), x.argmax(-1))
+        assert torch.equal(torch.compile(argmax_rows)(x), x.argmax(-1))
 
 
 def test_sample_tokens_follow_softmax():
