@@ -76,7 +76,8 @@ def prefill_step(model: Transformer, S: int, compile: bool) -> Callable:
     """prefill(ids): a prompt's ids (1, S) through the model, filling the caches, to its last position's
     logits (1, 1, V). The prefill runs eagerly (its products are compute-bound; compiling every prompt
     length would cost more than it saves), but a short one is bound by the host's launches: 1K tokens
-    of a 7B model on an H100 took 27-40 ms so, and 20.5 ms replayed as a CUDA graph (profile-prefill.md).
+    of a 7B model on an H100 took 27-40 ms so inside generate runs, 20.5 ms replayed as a CUDA graph
+    (profile-prefill.md).
     So with compile on CUDA, up to GRAPH_PREFILL_MAX tokens, the second run of a length records it as a
     CUDA graph (the first runs it as it is) and later ones replay it with their own ids. The graph keeps
     the activations of one prefill, which the memory planner's workspace counts."""

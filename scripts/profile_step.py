@@ -1,6 +1,7 @@
 # Where the time of one decode step goes: generate.py's compiled, CUDA-graphed step (its DecodeLoop) run a
 # number of times under torch.profiler, GPU time per kernel per step, largest first. With --prefill,
-# the same for the prefill of a `--context`-token prompt (eager, as generate.py runs it), and its wall time.
+# the same for the prefill of a `--context`-token prompt (eager, as generate.py runs it first), and its
+# wall time, eager and replayed as the CUDA graph that generate.py records for short prompts.
 #
 #   python scripts/profile_step.py --model Llama-2-7B --context 8192 --num_samples 32
 #   python scripts/profile_step.py --context 1024 --prefill
@@ -16,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bifurcated import make_caches
-from compiled import DecodeLoop
+from compiled import CUDAGraphStep, DecodeLoop, prefill_step
 from generate import load_model, next_tokens, random_prompt, resolve_device
 
 
@@ -47,14 +48,20 @@ def main(model: str, context: int, num_samples: int, attention: str, steps: int,
 
 def profile_prefill(m, prompt, model: str, steps: int, top: int, trace: str | None):
     pos = torch.arange(prompt.shape[1], device=prompt.device)
-    walls = []
-    for _ in range(steps):  # wall time, host included
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        m(prompt, pos, last_only=True)
-        torch.cuda.synchronize()
-        walls.append(time.perf_counter() - t0)
-    print(f"prefill wall time: median {1e3 * sorted(walls)[len(walls) // 2]:.1f} ms of {steps}")
+    graph = prefill_step(m, prompt.shape[1], compile=True)  # generate.py's: a CUDA graph for short prompts
+    graph(prompt), graph(prompt)  # runs it, then records it
+    runs = [("eager", lambda: m(prompt, pos, last_only=True))]
+    for name, run in runs + ([("CUDA graph", lambda: graph(prompt))] if isinstance(graph, CUDAGraphStep) else []):
+        walls = []
+        for _ in range(steps):  # wall time, host included
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+        print(f"prefill wall time, {name}: median {1e3 * sorted(walls)[len(walls) // 2]:.1f} ms of {steps} "
+              f"(min {1e3 * min(walls):.1f}, max {1e3 * max(walls):.1f})")
+    del graph
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             m(prompt, pos, last_only=True)
