@@ -77,10 +77,9 @@ def prefill_step(model: Transformer, S: int, compile: bool) -> Callable:
     logits (1, 1, V). The prefill runs eagerly (its products are compute-bound; compiling every prompt
     length would cost more than it saves), but a short one is bound by the host's launches: 1K tokens
     of a 7B model on an H100 took 27-40 ms so inside generate runs, 20.5 ms replayed as a CUDA graph
-    (profile-prefill.md).
-    So with compile on CUDA, up to GRAPH_PREFILL_MAX tokens, the second run of a length records it as a
-    CUDA graph (the first runs it as it is) and later ones replay it with their own ids. The graph keeps
-    the activations of one prefill, which the memory planner's workspace counts."""
+    (profile-prefill.md). So with compile on CUDA, up to GRAPH_PREFILL_MAX tokens, the second run of a
+    length records it as a CUDA graph (the first runs it as it is) and later ones replay it with their
+    own ids. The graph keeps the activations of one prefill, which the memory planner's workspace counts."""
     pos = torch.arange(S, device=model.output.weight.device)
     step = lambda ids: model(ids, pos, last_only=True)
     if compile and pos.is_cuda and S <= GRAPH_PREFILL_MAX:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import quantize
-from bifurcated import bifurcated_attention, prefix_attention
+from bifurcated import bifurcated_attention, make_caches, prefix_attention
+from compiled import prefill_step
 from generate import generate, generate_many
 from model import ModelArgs, Transformer
 from model import swiglu as model_swiglu
@@ -142,14 +143,22 @@ def test_bifurcated_equals_standard_bf16(n_kv_heads):
         assert rel_err(a, b) < 1e-2
 
 
-def test_compiled_layers_on_triton_match_eager():
-    # the decode step as checkpoint.load_model runs it on CUDA (the linear layers on the Triton kernel,
-    # residual adds in it), compiled, against the same model eager
-    cfg = dataclasses.replace(ModelArgs.from_name("Mistral-7B"), n_layer=1, vocab_size=4096, intermediate_size=4096)
+def on_kernels(n_layer: int) -> Transformer:
+    # Mistral-7B's layers (GQA), a small vocabulary and MLP, in bf16 with the Triton kernels, as
+    # checkpoint.load_model has a model on CUDA
+    cfg = dataclasses.replace(ModelArgs.from_name("Mistral-7B"), n_layer=n_layer, vocab_size=4096, intermediate_size=4096)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Transformer(cfg).to(torch.bfloat16).eval()
     pytest.importorskip("linear_triton").use_kernels(model)
+    return model
+
+
+def test_compiled_layers_on_triton_match_eager():
+    # the decode step as checkpoint.load_model runs it on CUDA (the linear layers on the Triton kernel,
+    # residual adds in it), compiled, against the same model eager
+    model = on_kernels(n_layer=1)
+    cfg = model.config
     prompt = torch.randint(0, cfg.vocab_size, (100,)).tolist()
     tokens = torch.randint(0, cfg.vocab_size, (8, 4), device="cuda")
     eager = step_logits(model, "bifurcated", prompt, tokens)
@@ -198,14 +207,8 @@ def test_prefill_graph_replays_new_prompts():
 def test_prefill_graph_of_kernels_matches_eager():
     # the prefill as generate.py records it on a model with the Triton kernels (norms, RoPE + store,
     # SwiGLU) and the cuBLAS products: replayed with new ids, the same logits and context cache
-    from bifurcated import make_caches
-    from compiled import prefill_step
-    cfg = dataclasses.replace(ModelArgs.from_name("Mistral-7B"), n_layer=2, vocab_size=4096, intermediate_size=4096)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Transformer(cfg).to(torch.bfloat16).eval()
-    pytest.importorskip("linear_triton").use_kernels(model)
-    S = 300
+    model = on_kernels(n_layer=2)
+    cfg, S = model.config, 300
     model.setup(S + 8, make_caches("bifurcated", cfg, 2, S, 8, torch.bfloat16, torch.device("cuda")))
     a, b = torch.randint(0, cfg.vocab_size, (2, 1, S), device="cuda")
     eager = model(b, torch.arange(S, device="cuda"), last_only=True).clone()
