@@ -10,8 +10,8 @@
 #   (quantize.py's layout), half a byte per weight. With bf16 x on a GPU (groups of 64 or more) each
 #   weight is dequantized to bf16 in registers (DEQ); else the raw nibbles are multiplied on the tensor
 #   cores and each group's scale and zero point applied to the partial product.
-# Above MAX_M rows (prefill) the product is compute-bound: the weight goes to x's dtype (int4: one
-# Triton pass) and cuBLAS multiplies; an eager prefill gets there without the op (forward_linear).
+# Above MAX_M rows (prefill) the product is compute-bound: the weight goes to x's dtype (int8, int4:
+# one Triton pass) and cuBLAS multiplies; an eager prefill gets there without the op (forward_linear).
 # Each program owns BLOCK_N output channels of all M rows over one slice of K (split-K): the splits
 # give every SM `waves` programs to stream even when N / BLOCK_N is smaller than the SM count. Each
 # split writes its fp32 partial (P, M, N) and the wrapper sums them: deterministic (no atomics), no
@@ -189,6 +189,19 @@ def _dequant_int4_kernel(W, S, Out, N, K, GROUP: tl.constexpr, BLOCK_N: tl.const
     tl.store(Out + offs, w.to(Out.dtype.element_ty), mask=cmask)
 
 
+@triton.jit
+def _dequant_int8_kernel(W, S, Out, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # (BLOCK_N, BLOCK_K) int8 weights times their rows' scales, in Out's dtype
+    nb, kb = tl.program_id(0), tl.program_id(1)
+    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (cols < N)[:, None] & (kk < K)[None, :]
+    offs = cols[:, None].to(tl.int64) * K + kk[None, :]
+    scale = tl.load(S + cols, mask=cols < N, other=0.0).to(tl.float32)
+    w = tl.load(W + offs, mask=mask, other=0).to(tl.float32) * scale[:, None]  # exact: 8 bits times 8
+    tl.store(Out + offs, w.to(Out.dtype.element_ty), mask=mask)
+
+
 # The prefill's neighbours of the products, run eagerly: PyTorch takes 8 kernels for an RMSNorm and 2
 # for a SwiGLU, each a pass over the activations and a launch from the host (a 1K-token prefill was
 # bound by its launches: profile-prefill.md). One kernel each, with the same roundings as model.py:
@@ -318,16 +331,28 @@ def dense_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], group: int
     # eager: called outside the op (forward_linear), so its Triton kernels launch as they are
     # (wrap_triton, which an op needs, launches through the tracer's machinery outside one: slow),
     # and the activation is one kernel (in compiled code Inductor fuses PyTorch's)
-    if residual is not None and scales is None:  # the add in cuBLAS's epilogue, rounded once
-        return torch.addmm(residual, x, weight.t())
     if group:
-        y = F.linear(x, dequantize_int4(weight, scales, group, x.dtype, eager))  # (M, N)
-    else:
-        y = F.linear(x, weight.to(x.dtype))  # (M, N)
-        y = y if scales is None else y * scales
+        weight = dequantize_int4(weight, scales, group, x.dtype, eager)
+    elif scales is not None:
+        weight = dequantize_int8(weight, scales, x.dtype, eager)
+    if residual is not None:  # the add in cuBLAS's epilogue, rounded once
+        return torch.addmm(residual, x, weight.t())
+    y = F.linear(x, weight.to(x.dtype))  # (M, N)
     if swiglu:
         return swiglu_rows(y) if eager and y.is_cuda else swiglu_activation(y)
-    return y if residual is None else residual + y
+    return y
+
+
+def dequantize_int8(weight: Tensor, scales: Tensor, dtype: torch.dtype, eager: bool = False) -> Tensor:
+    """int8 (N, K) and its scales (N,) -> (N, K) in dtype, w = q scale, in one pass (PyTorch's int8 -> bf16
+    copy alone read and wrote at about 1.1 TB/s: profile-prefill.md). eager: as dequantize_int4's."""
+    N, K = weight.shape
+    out = torch.empty(N, K, device=weight.device, dtype=dtype)
+    block_n, block_k = 16, 256
+    kernel = _dequant_int8_kernel if eager else torch.library.wrap_triton(_dequant_int8_kernel)
+    kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](weight, scales, out, N, K, BLOCK_N=block_n,
+                                                               BLOCK_K=block_k, num_warps=4)
+    return out
 
 
 def dequantize_int4(weight: Tensor, scales_and_zeros: Tensor, group: int, dtype: torch.dtype,

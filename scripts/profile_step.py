@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import gener
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import quantize
 from bifurcated import make_caches
 from compiled import CUDAGraphStep, DecodeLoop, prefill_step
 from generate import load_model, next_tokens, random_prompt, resolve_device
@@ -23,9 +24,12 @@ from generate import load_model, next_tokens, random_prompt, resolve_device
 
 @torch.no_grad()
 def main(model: str, context: int, num_samples: int, attention: str, steps: int, compile: bool, top: int,
-         trace: str | None, prefill: bool):
+         trace: str | None, prefill: bool, weights: str):
     dev = resolve_device(None)
     m, _ = load_model("synthetic:" + model, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if weights != "bf16":  # the same random weights, quantized as scripts/benchmark.py does
+        m = quantize.quantize_model(m, weights, 128 if weights == "int4" else None)
+        model = f"{model} {weights}"
     cfg, n, T = m.config, num_samples, steps + 8
     m.setup(context + T, make_caches(attention, cfg, n, context, T, m.output.weight.dtype, dev))
     prompt = torch.tensor(random_prompt(context, cfg.vocab_size), device=dev)[None]  # (1, M)
@@ -92,6 +96,7 @@ if __name__ == "__main__":
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--trace", help="also write a Chrome trace here")
     p.add_argument("--prefill", action="store_true", help="profile the prefill of the prompt instead")
+    p.add_argument("--weights", choices=["bf16", "int8", "int4"], default="bf16", help="int4: groups of 128")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("error: needs a CUDA GPU", file=sys.stderr)
