@@ -83,7 +83,8 @@ def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], sa
             us = time_us(fn, sets)
             plan = context_plan(n * H // Hkv, M, Hkv, n_sm, tiles) if tiles else None
             row = dict(kv_heads=Hkv, context=M, n=n, filled=f, path=name,
-                       tiles=dataclasses.asdict(tiles) if tiles else None, plan=plan, us=us, gbps=nbytes / us / 1e3, pct_of_bandwidth=100 * nbytes / (us * 1e-6) / bw)
+                       tiles=dataclasses.asdict(tiles) if tiles else None, plan=plan, us=us, gbps=nbytes / us / 1e3,
+                       pct_of_bandwidth=100 * nbytes / (us * 1e-6) / bw)
             rows.append(row)
             print(f"| {Hkv} | {M} | {n} | {f} | {name} | {plan or ''} {tiles or ''} | {us:.1f} | {row['gbps']:.0f} "
                   f"| {row['pct_of_bandwidth']:.0f}% |", flush=True)

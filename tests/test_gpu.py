@@ -146,7 +146,8 @@ def test_bifurcated_equals_standard_bf16(n_kv_heads):
 def on_kernels(n_layer: int) -> Transformer:
     # Mistral-7B's layers (GQA), a small vocabulary and MLP, in bf16 with the Triton kernels, as
     # checkpoint.load_model has a model on CUDA
-    cfg = dataclasses.replace(ModelArgs.from_name("Mistral-7B"), n_layer=n_layer, vocab_size=4096, intermediate_size=4096)
+    cfg = dataclasses.replace(ModelArgs.from_name("Mistral-7B"), n_layer=n_layer, vocab_size=4096,
+                              intermediate_size=4096)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Transformer(cfg).to(torch.bfloat16).eval()
