@@ -8,12 +8,15 @@
 #   2. own + merge: for sample i and KV head j, its g query rows against its own filled decode
 #      slots, then the exact LSE merge of that with the context's partials of those rows, in fp32
 #      (for MHA, g = 1, a program per query row, on the CUDA cores).
-# More levels (a prefix shared by several prompts, then each prompt's own tokens) are more
-# launches of the context kernel into the same buffers, before the last one. Where the context is
+# For MHA with many samples and a long context, the own slots run on a second stream beside launch 1,
+# into one more partial, and a merge launch joins them (side_rows). More levels (a prefix shared by
+# several prompts, then each prompt's own tokens) are more launches of the context kernel into the
+# same buffers, before the last one. Where the context is
 # split many ways (few samples) or a few samples have many decode slots, the samples' own slots go
 # through the context kernel instead, split too, and a third launch merges (own_fused says which).
 # Dimension letters: n samples, M context length, T decode capacity, H query heads, Hkv KV heads,
 # g = H / Hkv, D head dim, R = n g query rows per KV head, P context splits.
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -27,16 +30,25 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_block(q, K, V, keys, kmask, d, m_i, l_i, acc, QK_SCALE: tl.constexpr, D: tl.constexpr):
-    # one block of keys (rows `keys` of K, V (.., D), those in kmask) folded into the online softmax
-    # of q's rows: running max m_i and sum l_i of the scores (log2 units), unnormalized output acc
-    k = tl.load(K + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
-    v = tl.load(V + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
-    s = tl.dot(q, tl.trans(k)) * QK_SCALE  # (rows, BLOCK_N)
-    s = tl.where(kmask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet (a split past a prompt's end)
-    p = tl.math.exp2(s - m_use[:, None])
+def _attend_block(q, K, V, keys, kmask, d, m_i, l_i, acc, QK_SCALE: tl.constexpr, D: tl.constexpr,
+                  MASK: tl.constexpr = True):
+    # one block of keys (rows `keys` of K, V (.., D), those in kmask; all of them without MASK) folded
+    # into the online softmax of q's rows: running max m_i and sum l_i of the scores (log2 units),
+    # unnormalized output acc
+    if MASK:
+        k = tl.load(K + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
+        v = tl.load(V + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
+        s = tl.where(kmask[None, :], tl.dot(q, tl.trans(k)), float("-inf"))  # (rows, BLOCK_N), unscaled
+    else:
+        k = tl.load(K + keys[:, None] * D + d[None, :])
+        v = tl.load(V + keys[:, None] * D + d[None, :])
+        s = tl.dot(q, tl.trans(k))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * QK_SCALE)
+    if MASK:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet (a split past a prompt's end)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s * QK_SCALE - m_use[:, None])  # the scale in the exponent's multiply-add
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -97,15 +109,20 @@ def _context_split(rb, split, jc, Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL,
         length = tl.load(Lens + c).to(tl.int32)
     else:
         length = M
-    if LENGTHS or SLOT:  # the filled keys of this split only (none where it starts past them)
-        stop = tl.minimum(CHUNK, length - start)
-    else:
-        stop = CHUNK
+    stop = tl.minimum(CHUNK, length - start)  # the split's keys that are filled (none where it starts past them)
     kv = (c * HKV + j).to(tl.int64) * M * D
-    for n0 in range(0, stop, BLOCK_N):  # whole key blocks; the last one masked
-        keys = start + n0 + tl.arange(0, BLOCK_N)
-        kmask = keys < length
-        m_i, l_i, acc = _attend_block(q, K + kv, V + kv, keys, kmask, d, m_i, l_i, acc, QK_SCALE, D)
+    if SLOT:  # a sample's own slots: a few blocks, masked
+        for n0 in range(0, stop, BLOCK_N):
+            keys = start + n0 + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = _attend_block(q, K + kv, V + kv, keys, keys < length, d, m_i, l_i, acc, QK_SCALE, D)
+    else:  # whole blocks without masks, then the last, partial one (masks on every block cost more
+        whole = stop // BLOCK_N * BLOCK_N  # where the context is not whole blocks: attention-large-n.md)
+        for n0 in range(0, whole, BLOCK_N):
+            keys = start + n0 + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = _attend_block(q, K + kv, V + kv, keys, None, d, m_i, l_i, acc, QK_SCALE, D, False)
+        if whole < stop:
+            keys = start + whole + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = _attend_block(q, K + kv, V + kv, keys, keys < length, d, m_i, l_i, acc, QK_SCALE, D)
     # into (P, Hkv, R_ALL) from split SPLIT0 on; a split with no key: output 0, weight 0 in the merge
     part = ((SPLIT0 + split) * HKV + j) * R_ALL + c * R + rows  # (BLOCK_R,)
     seen = l_i > 0
@@ -153,12 +170,13 @@ def _own_merge_kernel(Q, K, V, O_part, L_part, Out, Slot, START, T, R_ALL, P: tl
 @triton.jit
 def _own_merge_row_kernel(Q, K, V, O_part, L_part, Out, Slot, START, T, R_ALL, P: tl.constexpr,
                           QK_SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+                          BLOCK_N: tl.constexpr, MERGE: tl.constexpr = True):
     # _own_merge_kernel for one query row, sample c and query head h (of KV head h // G), the scores on
     # the CUDA cores; for MHA, where _own_merge_kernel's tl.dot pads the one row of each program to 16
     # and its registers let 2 programs share an SM, so that with few filled slots its short programs
     # wait on their latency. One warp a program: MHA n = 256, own + merge with 10 filled slots 59 -> 15 us,
-    # with 64 101 -> 91 us, with 128 the same (attention-own-row.md)
+    # with 64 101 -> 91 us, with 128 the same (attention-own-row.md). Without MERGE, its normalized output
+    # and log-sum-exp go to split P of the partials instead, beside the context launches (attend_levels)
     c, h = tl.program_id(0), tl.program_id(1)
     j = h // G
     d = tl.arange(0, D)
@@ -181,17 +199,22 @@ def _own_merge_row_kernel(Q, K, V, O_part, L_part, Out, Slot, START, T, R_ALL, P
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)  # (D,)
         m_i = m_new
     part = j * R_ALL + c * G + h % G  # into (P, Hkv, R_ALL), split 0
-    for _ in tl.static_range(P):  # as _own_merge_kernel's merge
-        lse = tl.load(L_part + part)
-        o = tl.load(O_part + part * D + d)  # (D,)
-        m_new = tl.maximum(m_i, lse)
-        alpha = tl.math.exp2(m_i - m_new)
-        w = tl.math.exp2(lse - m_new)
-        l_i = l_i * alpha + w
-        acc = acc * alpha + w * o
-        m_i = m_new
-        part += HKV * R_ALL
-    tl.store(Out + (c * HKV * G + h) * D + d, (acc / l_i).to(Out.dtype.element_ty))
+    if MERGE:
+        for _ in tl.static_range(P):  # as _own_merge_kernel's merge
+            lse = tl.load(L_part + part)
+            o = tl.load(O_part + part * D + d)  # (D,)
+            m_new = tl.maximum(m_i, lse)
+            alpha = tl.math.exp2(m_i - m_new)
+            w = tl.math.exp2(lse - m_new)
+            l_i = l_i * alpha + w
+            acc = acc * alpha + w * o
+            m_i = m_new
+            part += HKV * R_ALL
+        tl.store(Out + (c * HKV * G + h) * D + d, (acc / l_i).to(Out.dtype.element_ty))
+    else:  # split P of the partials
+        part += P * HKV * R_ALL
+        tl.store(O_part + part * D + d, acc / l_i)
+        tl.store(L_part + part, m_i + tl.math.log2(l_i))
 
 
 @triton.jit
@@ -259,6 +282,10 @@ class Tiles:
     max_rows: int = 64
     block_n: int = 64  # keys per inner step
     waves: int = 2  # thread blocks per SM that the context split aims for
+    # from this many rows per KV head (MHA n >= 256, GQA n >= 64), where the context's products bound
+    # the time, blocks of 128 rows in one wave instead (MHA n = 512: 164.3 -> 149.0 us a context launch,
+    # attention-large-n.md)
+    wide_rows: Optional[int] = 256
     stages: int = 3  # software-pipelining depth of the key/value loads
     warps: Optional[int] = None  # None: 8 for 128-row tiles, else 4
 
@@ -266,21 +293,23 @@ class Tiles:
 def context_plan(R: int, M: int, n_kv_heads: int, n_sm: int, tiles: Tiles = Tiles()) -> tuple[int, int, int]:
     """Query rows per block, and how many context splits give every SM `waves` blocks to stream.
     Returns (BLOCK_R, P, chunk): P splits of chunk keys each (whole key blocks)."""
-    block_r = min(tiles.max_rows, max(16, triton.next_power_of_2(R)))
+    wide = tiles.wide_rows is not None and R >= tiles.wide_rows
+    max_rows, waves = (128, 1) if wide else (tiles.max_rows, tiles.waves)
+    block_r = min(max_rows, max(16, triton.next_power_of_2(R)))
     row_blocks = triton.cdiv(R, block_r)
     # rounded down: a last, partial wave of blocks would take as long as a whole one
-    splits = max(1, min(tiles.waves * n_sm // (n_kv_heads * row_blocks), triton.cdiv(M, tiles.block_n)))
+    splits = max(1, min(waves * n_sm // (n_kv_heads * row_blocks), triton.cdiv(M, tiles.block_n)))
     chunk = triton.cdiv(triton.cdiv(M, splits), tiles.block_n) * tiles.block_n
     return block_r, triton.cdiv(M, chunk), chunk
 
 
 def run_decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor,
-                         start: int = 0, tiles: Tiles = Tiles()) -> Tensor:
+                         start: int = 0, tiles: Tiles = Tiles(), side: bool = False) -> Tensor:
     q = q.contiguous()  # a transposed (n, 1, H, D): free, since S = 1
     n, H, _, D = q.shape
     Hkv, M, _ = k_ctx.shape
     ctx = Level(k_ctx, v_ctx, None, context_plan(n * H // Hkv, M, Hkv, num_sms(q), tiles))
-    return attend_levels(q, [ctx], k_dec, v_dec, slot, start, tiles)
+    return attend_levels(q, [ctx], k_dec, v_dec, slot, start, tiles, side)
 
 
 # softmax in base 2 (exp2 is the hardware's instruction); a constexpr, so it stays fp32 under Inductor
@@ -299,26 +328,36 @@ class Level:
 
 
 def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, slot: Tensor, start: int = 0,
-                  tiles: Tiles = Tiles()) -> Tensor:
+                  tiles: Tiles = Tiles(), side: bool = False) -> Tensor:
     """Each level's splits into one pair of buffers, then each sample's own decode slots 0..slot[0] - start
-    and the exact merge of them all: (B, H, 1, D)."""
+    and the exact merge of them all: (B, H, 1, D). side (MHA): the own slots on a second stream, beside
+    the context launches, then a merge launch (side_rows)."""
     B, H, _, D = q.shape  # q (B, H, 1, D) contiguous; k_dec, v_dec (B, Hkv, T, D); slot (1,) or more
     _, Hkv, T, _ = k_dec.shape
     G, n_sm = H // Hkv, num_sms(q)
     P = sum(lv.plan[1] for lv in levels)
     own = None if own_fused(P, B, Hkv, T, n_sm) else context_plan(G, T, Hkv * B, n_sm, tiles)
-    o_part, l_part = new_partials(P + (own[1] if own else 0), q, Hkv)
+    side = side and own is None and G == 1
+    o_part, l_part = new_partials(P + (own[1] if own else 0) + side, q, Hkv)
     split0 = 0
     out = torch.empty_like(q)  # (B, H, 1, D)
     if own is None:  # a program per sample and KV head: its own slots, then the merge
+        stream = side_stream(q) if side else None  # None on a CPU (Triton's interpreter): one after the other
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
         for lv in levels:
             launch_context(q, lv.k, lv.v, lv.lens, o_part, l_part, split0, lv.plan, tiles)
             split0 += lv.plan[1]
         if G == 1:  # MHA: a row per program
-            torch.library.wrap_triton(_own_merge_row_kernel)[(B, H)](
-                q, k_dec, v_dec, o_part, l_part, out, slot, start, T, B * G, P=P, QK_SCALE=qk_scale(D), HKV=Hkv, G=G,
-                D=D, BLOCK_N=16, num_warps=1)
-            return out
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                torch.library.wrap_triton(_own_merge_row_kernel)[(B, H)](
+                    q, k_dec, v_dec, o_part, l_part, out, slot, start, T, B * G, P=P, QK_SCALE=qk_scale(D), HKV=Hkv,
+                    G=G, D=D, BLOCK_N=16, MERGE=not side, num_warps=1)
+            if not side:
+                return out
+            if stream is not None:
+                torch.cuda.current_stream().wait_stream(stream)
+            return merge(o_part, l_part, out, P + 1, G)
         torch.library.wrap_triton(_own_merge_kernel)[(B, Hkv)](
             q, k_dec, v_dec, o_part, l_part, out, slot, start, T, B * G, P=P, QK_SCALE=qk_scale(D), HKV=Hkv, G=G, D=D,
             BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=tiles.block_n, num_warps=4, num_stages=2)
@@ -339,10 +378,34 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
         P=p, GROUPS=groups, P_OWN=p_own, QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r,
         CHUNK_OWN=chunk_own, BLOCK_G=block_g, BLOCK_N=tiles.block_n, LENGTHS=last.lens is not None,
         num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
-    P += p_own
+    return merge(o_part, l_part, out, P + p_own, G)
+
+
+def merge(o_part: Tensor, l_part: Tensor, out: Tensor, P: int, G: int) -> Tensor:
+    B, H, _, D = out.shape  # the P partials (P, Hkv, B G, D), (P, Hkv, B G) -> out (B, H, 1, D)
     torch.library.wrap_triton(_merge_kernel)[(B, H)](
-        o_part, l_part, out, B * G, G, HKV=Hkv, D=D, P=P, BLOCK_P=min(64, triton.next_power_of_2(P)), num_warps=4)
+        o_part, l_part, out, B * G, G, HKV=H // G, D=D, P=P, BLOCK_P=min(64, triton.next_power_of_2(P)), num_warps=4)
     return out
+
+
+# MHA with at least SIDE_ROWS samples and a context of at least SIDE_CONTEXT keys: the samples' own slots,
+# bound by the memory, run on a second stream beside the context launch, bound by its matrix products.
+# One layer at n = 512, 8K, 64 of 128 slots filled: 341.8 -> 268.7 us; at n = 256 about even (177.8 ->
+# 170.0 us, but 104.1 -> 113.3 with 10 filled); attention-large-n.md
+SIDE_ROWS, SIDE_CONTEXT = 512, 8192
+_side_streams: dict = {}
+
+
+def side_rows(q: Tensor, k_ctx: Tensor) -> bool:
+    return q.is_cuda and q.size(1) == k_ctx.size(0) and q.size(0) >= SIDE_ROWS and k_ctx.size(1) >= SIDE_CONTEXT
+
+
+def side_stream(q: Tensor) -> Optional[torch.cuda.Stream]:
+    if not q.is_cuda:
+        return None
+    if q.device not in _side_streams:
+        _side_streams[q.device] = torch.cuda.Stream(q.device)
+    return _side_streams[q.device]
 
 
 def own_fused(P: int, B: int, Hkv: int, T: int, n_sm: int) -> bool:
@@ -402,17 +465,39 @@ def launch_context(q: Tensor, k: Tensor, v: Tensor, lens: Optional[Tensor], o_pa
         num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
 
 
-@torch.library.triton_op("bifurcated::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor,
                      start: int = 0) -> Tensor:
-    # the step's decode slot is slot[0] - start: the caches hand the position and the context length,
-    # so that no kernel computes the slot apart in every layer
+    """The decode step's attention (bifurcated.bifurcated_attention), q (n, H, 1, D): the step's decode
+    slot is slot[0] - start (the caches hand the position and the context length, so that no kernel
+    computes the slot apart in every layer). The op is chosen by the shapes, so once at compile time."""
+    op = decode_attention_side if side_rows(q, k_ctx) else decode_attention_op
+    return op(q, k_ctx, v_ctx, k_dec, v_dec, slot, start)
+
+
+# The traced op (Inductor sees its Triton kernels), and the same with the own slots on a second stream: an
+# opaque op, as streams cannot be traced
+@torch.library.triton_op("bifurcated::decode_attention", mutates_args=())
+def decode_attention_op(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor,
+                        start: int = 0) -> Tensor:
     return run_decode_attention(q, k_ctx, v_ctx, k_dec, v_dec, slot, start)
+
+
+@torch.library.custom_op("bifurcated::decode_attention_side", mutates_args=())
+def decode_attention_side(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor,
+                          start: int = 0) -> Tensor:
+    return run_decode_attention(q, k_ctx, v_ctx, k_dec, v_dec, slot, start, side=True)
+
+
+@decode_attention_side.register_fake
+def _(q: Tensor, *args) -> Tensor:
+    return q.new_empty(q.shape)
 
 
 @torch.library.triton_op("bifurcated::prefix_attention", mutates_args=())
 def prefix_decode_attention(q: Tensor, k_pre: Tensor, v_pre: Tensor, k_prm: Tensor, v_prm: Tensor, prm_len: Tensor,
                             k_dec: Tensor, v_dec: Tensor, slot: Tensor, start: int = 0) -> Tensor:
+    # several prompts (bifurcated.prefix_attention); the slot as decode_attention's. No second stream: with a
+    # 4K prefix and 512-token prompts (16 x 32 samples) it was no faster (attention-large-n.md)
     q = q.contiguous()  # (B, H, 1, D)
     return attend_levels(q, prefix_levels(q, k_pre, v_pre, k_prm, v_prm, prm_len), k_dec, v_dec, slot, start)
 

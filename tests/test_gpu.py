@@ -32,6 +32,15 @@ def test_bifurcated_attention_bf16(fast, Hkv, n, M, slot):
     check_decode_attention(fast, Hkv, n, M, slot, T=128)
 
 
+@pytest.mark.parametrize("M,slot", [(8200, 63), (1000, 0)])
+def test_side_stream_attention_bf16(M, slot, monkeypatch):
+    # MHA, 512 samples: the own slots on a second stream beside the context (at 1000 keys, forced)
+    bt = pytest.importorskip("bifurcated_triton")
+    monkeypatch.setattr(bt, "SIDE_CONTEXT", min(M, bt.SIDE_CONTEXT))
+    assert bt.side_rows(torch.empty(512, 32, 1, 128, device="cuda"), torch.empty(32, M, 128, device="cuda"))
+    check_decode_attention(True, 32, 512, M, slot, T=128)
+
+
 @pytest.mark.parametrize("Hkv", [32, 8])
 @pytest.mark.parametrize("n", [1, 3])
 def test_long_decode_split_bf16(Hkv, n):
@@ -176,6 +185,25 @@ def test_compiled_step_matches_eager():
     runs = [generate(model, prompt, num_samples=4, max_new_tokens=24, temperature=0.0, compile=c).tokens
             for c in (False, True)]
     assert runs[0] == runs[1]
+
+
+def test_side_stream_attention_compiled_matches_eager(monkeypatch):
+    # MHA with 512 samples: the own slots on a second stream beside the context launch (an opaque op),
+    # inside the compiled, CUDA-graphed step; eager, and the same samples as with one stream
+    bt = pytest.importorskip("bifurcated_triton")
+    called = []
+    monkeypatch.setattr(bt, "SIDE_CONTEXT", 1)  # a short prompt takes the second stream too
+    op = bt.decode_attention_side
+    monkeypatch.setattr(bt, "decode_attention_side", lambda *a: called.append(1) or op(*a))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(ModelArgs.from_name("tiny-mha")).eval()
+    prompt = torch.randint(0, 512, (50,)).tolist()
+    runs = [generate(model, prompt, num_samples=512, max_new_tokens=12, temperature=0.0, compile=c).tokens
+            for c in (False, True)]
+    assert runs[0] == runs[1] and called
+    monkeypatch.setattr(bt, "SIDE_ROWS", 10**9)  # the traced op, everything on one stream
+    assert generate(model, prompt, num_samples=512, max_new_tokens=12, temperature=0.0).tokens == runs[0]
 
 
 def test_compiled_sampling_draws_fresh_numbers():
