@@ -177,13 +177,20 @@ def test_compiled_layers_on_triton_match_eager():
         assert rel_err(a, b) < 1e-2
 
 
-def test_compiled_step_matches_eager():
+def greedy_runs(config: str, num_samples: int, max_new_tokens: int):
+    """A tiny random model of `config` on CUDA and a 50-token prompt: run(compile), generate's greedy
+    samples, and the runs eager and compiled."""
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
+        model = Transformer(ModelArgs.from_name(config)).eval()
     prompt = torch.randint(0, 512, (50,)).tolist()
-    runs = [generate(model, prompt, num_samples=4, max_new_tokens=24, temperature=0.0, compile=c).tokens
-            for c in (False, True)]
+    run = lambda c: generate(model, prompt, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=0.0,
+                             compile=c).tokens
+    return run, [run(False), run(True)]
+
+
+def test_compiled_step_matches_eager():
+    _, runs = greedy_runs("tiny-gqa", 4, 24)
     assert runs[0] == runs[1]
 
 
@@ -195,15 +202,10 @@ def test_side_stream_attention_compiled_matches_eager(monkeypatch):
     monkeypatch.setattr(bt, "SIDE_CONTEXT", 1)  # a short prompt takes the second stream too
     op = bt.decode_attention_side
     monkeypatch.setattr(bt, "decode_attention_side", lambda *a: called.append(1) or op(*a))
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Transformer(ModelArgs.from_name("tiny-mha")).eval()
-    prompt = torch.randint(0, 512, (50,)).tolist()
-    runs = [generate(model, prompt, num_samples=512, max_new_tokens=12, temperature=0.0, compile=c).tokens
-            for c in (False, True)]
+    run, runs = greedy_runs("tiny-mha", 512, 12)
     assert runs[0] == runs[1] and called
     monkeypatch.setattr(bt, "SIDE_ROWS", 10**9)  # the traced op, everything on one stream
-    assert generate(model, prompt, num_samples=512, max_new_tokens=12, temperature=0.0).tokens == runs[0]
+    assert run(False) == runs[0]
 
 
 def test_compiled_sampling_draws_fresh_numbers():
