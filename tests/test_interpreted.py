@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CHECK = """
+ATTENTION = """
 import torch
 import bifurcated_triton as bt
 from bifurcated import bifurcated_attention, prefix_attention
@@ -94,7 +94,7 @@ def interpret(code: str):
 
 
 def test_attention_kernels_in_the_interpreter():
-    interpret(CHECK)
+    interpret(ATTENTION)
 
 
 def test_linear_kernels_in_the_interpreter():
