@@ -109,6 +109,12 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
         w_ptrs = W + cols[:, None].to(tl.int64) * (K // 2) + start // 2 + tl.arange(0, BLOCK_K // 2)[None, :]
     else:
         w_ptrs = W + cols[:, None].to(tl.int64) * K + start + kk[None, :]  # (BLOCK_N, BLOCK_K)
+    # the epilogue's loads go out first: at the end of the loop they would add a round trip to memory to
+    # every program's tail
+    if SCALED and not GROUP:
+        col_scale = tl.load(S + cols, mask=cmask, other=0.0).to(tl.float32)  # (BLOCK_N,)
+    if RESIDUAL:
+        res = tl.load(Res + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
     # y^T = W x^T: W's rows fill the MMA's large side, x's few rows (padded to 16) the small one
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     # whole K blocks up to K; masks along K only where K is not a multiple of BLOCK_K (a mask that
@@ -119,9 +125,12 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
         # W is read once: evict it first, so that x and the partials keep their place in L2
         if DEQ is not None:  # the tile lies in one group: its weights in bf16, 4 products
             h = tl.load(w_ptrs, mask=cmask[:, None], other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K / 4)
-            sz = S + (k0 // GROUP * N + cols) * 2  # (BLOCK_N,) into (K / GROUP, N, 2)
-            w0, w1, w2, w3 = _dequant_int4(h, tl.load(sz, mask=cmask, other=0.0)[:, None],
-                                           tl.load(sz + 1, mask=cmask, other=0.0)[:, None], DEQ)
+            # each column's scale and zero point as one 32-bit word, the scale in its low half: 32-bit loads
+            # are pipelined with the weight's (16-bit ones are not: a round trip to memory every K tile)
+            sz = tl.load(S.to(tl.pointer_type(tl.int32)) + k0 // GROUP * N + cols, mask=cmask, other=0)  # (BLOCK_N,)
+            scale = (sz & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            zero = (sz >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            w0, w1, w2, w3 = _dequant_int4(h, scale[:, None], zero[:, None], DEQ)
             xa, xb = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 4, 2, 2)))  # channels 4c + (0, 2), 4c + (1, 3)
             x0, x2 = tl.split(xa)  # (BLOCK_M, BLOCK_K / 4) each
             x1, x3 = tl.split(xb)
@@ -157,7 +166,7 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
         w_ptrs += BLOCK_K // 4 if DEQ is not None else BLOCK_K // 2 if GROUP else BLOCK_K
     acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
     if SCALED and not GROUP:  # the per-channel scale commutes with the sum over K: once, in fp32
-        acc *= tl.load(S + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc *= col_scale[None, :]
     if SWIGLU:  # one split: y (M, N / 2) = silu(gate) * up
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # (BLOCK_M, BLOCK_N / 2) each
         f = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
@@ -167,7 +176,7 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
     else:
         omask = rmask[:, None] & cmask[None, :]
         if RESIDUAL:  # one split: y = residual + x W^T, rounded once
-            acc += tl.load(Res + rows[:, None] * N + cols[None, :], mask=omask, other=0.0).to(tl.float32)
+            acc += res.to(tl.float32)
         out = Out + split * M * N + rows[:, None] * N + cols[None, :]  # (BLOCK_M, BLOCK_N) of (P, M, N)
         tl.store(out, acc.to(Out.dtype.element_ty), mask=omask)
 
@@ -264,7 +273,7 @@ def default_tiles(kind: str, N: int) -> Tiles:
     if kind == "int8":
         return Tiles(block_k=256, stages=3) if wide else Tiles(block_k=128, waves=3)
     if kind == "int4":
-        return Tiles(block_n=64, block_k=128)
+        return Tiles(block_n=64, block_k=128, stages=3)
     return Tiles(block_n=64, block_k=128, waves=1, stages=5) if wide else Tiles(block_k=128, splits=1, stages=8)
 
 
