@@ -9,7 +9,7 @@
 # freqs_cis and input_pos, they rotate q and k, store k and v and return the attention output.
 # input_pos is (S,) in prefill (the prompt, batch 1) and () in a decode step (one new token for each
 # of the n samples, all at the same position). On the GPU a decode step rotates and stores in one
-# kernel (bifurcated_triton.rope_store).
+# kernel (bifurcated_triton.rope_store), or, with few samples, in the attention's launch.
 #
 # Dimension letters: n samples, M context (prompt) length, T decode capacity (max new tokens),
 # H query heads, Hkv key/value heads, g = H / Hkv query heads per KV head, D head dim.
@@ -23,9 +23,10 @@ from torch import Tensor
 from model import causal_attention, rotate_heads_first
 
 try:  # the fused Triton kernels for CUDA; CPU-only installs have no Triton and use the reference
-    from bifurcated_triton import decode_attention, prefix_decode_attention, rope_store, rope_store_context
+    from bifurcated_triton import (decode_attention, prefix_decode_attention, rope_decode_attention, rope_store,
+                                   rope_store_context)
 except ImportError:
-    decode_attention = prefix_decode_attention = rope_store = rope_store_context = None
+    decode_attention = prefix_decode_attention = rope_decode_attention = rope_store = rope_store_context = None
 
 
 def fast(q: Tensor) -> bool:  # the Triton kernels: CUDA, a head dim the tiles take
@@ -54,9 +55,8 @@ class BifurcatedCache(nn.Module):
         # input_pos - M, a device tensor: no host sync
         M = self.context_len
         if fast(q):  # the kernels take the position and M: no slot computed apart in every layer
-            pos = input_pos.view(1)
-            q = rope_store(q, k, v, freqs_cis, self.k_dec, self.v_dec, pos, M)  # (n, H, 1, D)
-            return decode_attention(q, self.k_ctx, self.v_ctx, self.k_dec, self.v_dec, pos, M)
+            return rope_decode_attention(q, k, v, freqs_cis, self.k_ctx, self.v_ctx, self.k_dec, self.v_dec,
+                                         input_pos.view(1), M)
         slot = (input_pos - M).view(1)  # (1,)
         q = store_decode(q, k, v, freqs_cis, self.k_dec, self.v_dec, slot)
         return bifurcated_attention(q, self.k_ctx, self.v_ctx, self.k_dec, self.v_dec, slot)

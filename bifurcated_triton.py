@@ -13,7 +13,8 @@
 # several prompts, then each prompt's own tokens) are more launches of the context kernel into the
 # same buffers, before the last one. Where the context is
 # split many ways (few samples) or a few samples have many decode slots, the samples' own slots go
-# through the context kernel instead, split too, and a third launch merges (own_fused says which).
+# through the context kernel instead, split too, and a third launch merges (own_fused says which); with
+# few samples that launch also applies RoPE and stores the step's k and v (rope_decode_attention).
 # Dimension letters: n samples, M context length, T decode capacity, H query heads, Hkv KV heads,
 # g = H / Hkv, D head dim, R = n g query rows per KV head, P context splits.
 import contextlib
@@ -65,28 +66,43 @@ def _context_kernel(Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, START
 
 @triton.jit
 def _context_own_kernel(Q, K, V, Lens, KD, VD, Slot, O_part, L_part, R, G, M, T, R_ALL, SPLIT0, SPLIT_OWN, START,
+                        Freqs, F_ROW, ROW_Q, KN, VN, ROW_KV,
                         ROW_BLOCKS: tl.constexpr, P: tl.constexpr, GROUPS: tl.constexpr, P_OWN: tl.constexpr,
                         QK_SCALE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                         BLOCK_R: tl.constexpr, CHUNK_OWN: tl.constexpr, BLOCK_G: tl.constexpr,
-                        BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr):
+                        BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr, ROPE: tl.constexpr):
     # one launch for the last level of keys (as _context_kernel, its programs first) and the samples'
     # own slots (as _context_kernel with SLOT, B groups of G rows): the small own programs fill the
-    # last wave of the level's, and one launch less
+    # last wave of the level's, and one launch less. With ROPE, q comes before RoPE (rows of stride ROW_Q)
+    # and every program rotates its rows; the step's k and v (KN, VN, rows of stride ROW_KV) too, which the
+    # own program holding the step's slot rotates and stores before it reads its slots (_context_split)
     pid = tl.program_id(0)
     n_level = ROW_BLOCKS * P * HKV * GROUPS
     if pid < n_level:
         _context_split(pid % ROW_BLOCKS, pid // ROW_BLOCKS % P, pid // (ROW_BLOCKS * P), Q, K, V, O_part, L_part,
-                       Lens, R, G, M, R_ALL, SPLIT0, START, QK_SCALE, HKV, D, CHUNK, BLOCK_R, BLOCK_N, LENGTHS, False)
+                       Lens, R, G, M, R_ALL, SPLIT0, START, QK_SCALE, HKV, D, CHUNK, BLOCK_R, BLOCK_N, LENGTHS, False,
+                       ROPE, Freqs, F_ROW, ROW_Q, KN, VN, ROW_KV)
     else:
         pid -= n_level  # split, then KV head and sample
         _context_split(0, pid % P_OWN, pid // P_OWN, Q, KD, VD, O_part, L_part, Slot, G, G, T, R_ALL, SPLIT_OWN,
-                       START, QK_SCALE, HKV, D, CHUNK_OWN, BLOCK_G, BLOCK_N, False, True)
+                       START, QK_SCALE, HKV, D, CHUNK_OWN, BLOCK_G, BLOCK_N, False, True,
+                       ROPE, Freqs, F_ROW, ROW_Q, KN, VN, ROW_KV)
+
+
+@triton.jit
+def _rope_rows(X, F, d, mask, D: tl.constexpr):
+    # RoPE of rows X + d (.., D) at the rotations F + d (cos, sin of each (2i, 2i + 1) pair), in fp32, as
+    # _rope_store_kernel: (.., D) fp32
+    x0, x1 = tl.split(tl.reshape(tl.load(X + d, mask=mask, other=0.0).to(tl.float32), (X.shape[0], D // 2, 2)))
+    cos, sin = tl.split(tl.reshape(tl.load(F + d, mask=mask, other=0.0).to(tl.float32), (X.shape[0], D // 2, 2)))
+    return tl.reshape(tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin), (X.shape[0], D))
 
 
 @triton.jit
 def _context_split(rb, split, jc, Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, START,
                    QK_SCALE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr, SLOT: tl.constexpr):
+                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr, SLOT: tl.constexpr,
+                   ROPE: tl.constexpr = False, Freqs=None, F_ROW=0, ROW_Q=0, KN=None, VN=None, ROW_KV=0):
     # Row block rb of group c and KV head j (jc = c Hkv + j) against split `split` of its keys.
     # With LENGTHS, K holds one context per group of rows ((groups, Hkv, M, D), its rows those of
     # samples c R/G .. (c + 1) R/G - 1), group c filled up to Lens[c] (several prompts), or with
@@ -97,8 +113,13 @@ def _context_split(rb, split, jc, Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL,
     rmask = rows < R
     d = tl.arange(0, D)
     # q (B, H, 1, D): row r is sample c (R / G) + r // G, query head j G + r % G
-    q_off = ((c * (R // G) + rows // G) * HKV + j) * G * D + (rows % G) * D  # (BLOCK_R,)
-    q = tl.load(Q + q_off[:, None] + d[None, :], mask=rmask[:, None], other=0.0)  # (BLOCK_R, D)
+    sample = c * (R // G) + rows // G  # (BLOCK_R,)
+    if ROPE:  # q before RoPE: sample s's heads at Q + s ROW_Q, rotated by Freqs + s F_ROW (F_ROW 0: one position)
+        q = _rope_rows(Q + sample[:, None] * ROW_Q + (j * G + rows % G)[:, None] * D, Freqs + sample[:, None] * F_ROW,
+                       d[None, :], rmask[:, None], D).to(Q.dtype.element_ty)  # (BLOCK_R, D)
+    else:
+        q_off = (sample * HKV + j) * G * D + (rows % G) * D  # (BLOCK_R,)
+        q = tl.load(Q + q_off[:, None] + d[None, :], mask=rmask[:, None], other=0.0)  # (BLOCK_R, D)
     start = split * CHUNK
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -111,6 +132,15 @@ def _context_split(rb, split, jc, Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL,
         length = M
     stop = tl.minimum(CHUNK, length - start)  # the split's keys that are filled (none where it starts past them)
     kv = (c * HKV + j).to(tl.int64) * M * D
+    if SLOT and ROPE:  # the step's slot, length - 1, in this split: its k rotated and v stored, then read back
+        if (length - 1 >= start) & (length - 1 < start + CHUNK):
+            dst = kv + (length - 1) * D + d[None, :]  # (1, D)
+            src = c * ROW_KV + j * D + tl.zeros([1], tl.int32)[:, None]  # (1, 1)
+            k_new = _rope_rows(KN + src, Freqs + c * F_ROW + tl.zeros([1], tl.int32)[:, None], d[None, :],
+                               d[None, :] < D, D)
+            tl.store(K + dst, k_new.to(K.dtype.element_ty))
+            tl.store(V + dst, tl.load(VN + src + d[None, :]))
+            tl.debug_barrier()  # the block's stores are seen by its loads below
     if SLOT:  # a sample's own slots: a few blocks, masked
         for n0 in range(0, stop, BLOCK_N):
             keys = start + n0 + tl.arange(0, BLOCK_N)
@@ -312,6 +342,30 @@ def run_decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor,
     return attend_levels(q, [ctx], k_dec, v_dec, slot, start, tiles, side)
 
 
+# RoPE and the store of the step's k and v in the attention's launch where it has at most this many own
+# programs (samples x KV heads): each rotates its rows, which costs more than the launch it saves when
+# there are many (8K, A/B in one run: Llama-2-7B n = 1 6.71 -> 6.67 ms, n = 32 7.40 -> 7.47; Mistral-7B
+# n = 1 5.99 -> 5.95, n = 32 6.58 -> 6.51; rope-in-attention.md)
+ROPE_PROGRAMS = 256
+
+
+def run_rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, k_ctx: Tensor, v_ctx: Tensor,
+                              k_dec: Tensor, v_dec: Tensor, slot: Tensor, start: int = 0,
+                              tiles: Tiles = Tiles()) -> Tensor:
+    # rope_store, then run_decode_attention; where the own slots go through the split context kernel
+    # (few samples: the launch plan of n <= 64 at long contexts) and are few (ROPE_PROGRAMS), in that
+    # launch: one kernel less a step
+    n, _, H, D = q.shape  # q (n, 1, H, D), k, v (n, 1, Hkv, D): views of the qkv product, before RoPE
+    Hkv, M, _ = k_ctx.shape
+    ctx = Level(k_ctx, v_ctx, None, context_plan(n * H // Hkv, M, Hkv, num_sms(q), tiles))
+    qt = q.transpose(1, 2)  # (n, H, 1, D): row i at i q.stride(0), its heads D apart
+    if (n * Hkv > ROPE_PROGRAMS or own_plan(qt, [ctx], k_dec, tiles) is None or qt.stride(1) != D or k.stride(2) != D
+            or v.stride(0) != k.stride(0)):
+        qt = run_rope_store(q, k, v, freqs_cis, k_dec, v_dec, slot, start)
+        return attend_levels(qt, [ctx], k_dec, v_dec, slot, start, tiles)
+    return attend_levels(qt, [ctx], k_dec, v_dec, slot, start, tiles, rope=(k.flatten(0, 1), v.flatten(0, 1), freqs_cis))
+
+
 # softmax in base 2 (exp2 is the hardware's instruction); a constexpr, so it stays fp32 under Inductor
 def qk_scale(D: int) -> float:
     return LOG2E / math.sqrt(D)
@@ -328,19 +382,23 @@ class Level:
 
 
 def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, slot: Tensor, start: int = 0,
-                  tiles: Tiles = Tiles(), side: bool = False) -> Tensor:
+                  tiles: Tiles = Tiles(), side: bool = False, rope: Optional[tuple[Tensor, ...]] = None) -> Tensor:
     """Each level's splits into one pair of buffers, then each sample's own decode slots 0..slot[0] - start
     and the exact merge of them all: (B, H, 1, D). side (MHA): the own slots on a second stream, beside
-    the context launches, then a merge launch (side_rows)."""
+    the context launches, then a merge launch (side_rows). rope (k, v, freqs_cis, as rope_store's), where
+    the own slots go through the split context kernel (own_plan): q, k, v come before RoPE and that launch
+    rotates them and stores the step's k and v; q (B, H, 1, D) is then a view of the qkv product."""
     B, H, _, D = q.shape  # q (B, H, 1, D) contiguous; k_dec, v_dec (B, Hkv, T, D); slot (1,) or more
     _, Hkv, T, _ = k_dec.shape
-    G, n_sm = H // Hkv, num_sms(q)
+    G = H // Hkv
     P = sum(lv.plan[1] for lv in levels)
-    own = None if own_fused(P, B, Hkv, T, n_sm) else context_plan(G, T, Hkv * B, n_sm, tiles)
+    own = own_plan(q, levels, k_dec, tiles)
+    if rope is not None and (own is None or len(levels) > 1):
+        raise ValueError("attend_levels rotates q, k and v only with one level and the own slots split")
     side = side and own is None and G == 1
     o_part, l_part = new_partials(P + (own[1] if own else 0) + side, q, Hkv)
     split0 = 0
-    out = torch.empty_like(q)  # (B, H, 1, D)
+    out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
     if own is None:  # a program per sample and KV head: its own slots, then the merge
         stream = side_stream(q) if side else None  # None on a CPU (Triton's interpreter): one after the other
         if stream is not None:
@@ -372,13 +430,26 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
     (block_r, p, chunk), (block_g, p_own, chunk_own) = last.plan, own
     M = last.k.size(-2)
     n_level = triton.cdiv(B // groups * G, block_r) * p * Hkv * groups
+    k_new, v_new, freqs = rope if rope is not None else (q, q, q)  # unused without ROPE
+    f = freqs.reshape(-1, D)  # (1 or B, D): cos, sin of each pair
     torch.library.wrap_triton(_context_own_kernel)[(n_level + p_own * Hkv * B,)](
         q, last.k, last.v, l_part if last.lens is None else last.lens, k_dec, v_dec, slot, o_part, l_part,
-        B // groups * G, G, M, T, B * G, split0, split0 + p, start, ROW_BLOCKS=triton.cdiv(B // groups * G, block_r),
+        B // groups * G, G, M, T, B * G, split0, split0 + p, start,
+        f, D if f.size(0) > 1 else 0, q.stride(0), k_new, v_new, k_new.stride(0),
+        ROW_BLOCKS=triton.cdiv(B // groups * G, block_r),
         P=p, GROUPS=groups, P_OWN=p_own, QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r,
         CHUNK_OWN=chunk_own, BLOCK_G=block_g, BLOCK_N=tiles.block_n, LENGTHS=last.lens is not None,
-        num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
+        ROPE=rope is not None, num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
     return merge(o_part, l_part, out, P + p_own, G)
+
+
+def own_plan(q: Tensor, levels: list[Level], k_dec: Tensor, tiles: Tiles = Tiles()) -> Optional[tuple[int, int, int]]:
+    """None where a program per sample and KV head takes its own slots and the merge (own_fused), else
+    the context_plan of the own slots, split like a context in the last level's launch."""
+    B, H = q.shape[:2]
+    _, Hkv, T, _ = k_dec.shape
+    P, n_sm = sum(lv.plan[1] for lv in levels), num_sms(q)
+    return None if own_fused(P, B, Hkv, T, n_sm) else context_plan(H // Hkv, T, Hkv * B, n_sm, tiles)
 
 
 def merge(o_part: Tensor, l_part: Tensor, out: Tensor, P: int, G: int) -> Tensor:
@@ -493,6 +564,23 @@ def _(q: Tensor, *args) -> Tensor:
     return q.new_empty(q.shape)
 
 
+def rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, k_ctx: Tensor, v_ctx: Tensor,
+                          k_dec: Tensor, v_dec: Tensor, slot: Tensor, start: int = 0) -> Tensor:
+    """A decode step's RoPE, the store of its k and v, and its attention (rope_store, then
+    decode_attention), from q, k, v before RoPE (n, 1, H or Hkv, D). In one op, which saves a launch where
+    the plan allows (run_rope_decode_attention); with the second stream, the two apart."""
+    if side_rows(q.transpose(1, 2), k_ctx):
+        q = rope_store(q, k, v, freqs_cis, k_dec, v_dec, slot, start)
+        return decode_attention_side(q, k_ctx, v_ctx, k_dec, v_dec, slot, start)
+    return rope_decode_attention_op(q, k, v, freqs_cis, k_ctx, v_ctx, k_dec, v_dec, slot, start)
+
+
+@torch.library.triton_op("bifurcated::rope_decode_attention", mutates_args={"k_dec", "v_dec"})
+def rope_decode_attention_op(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, k_ctx: Tensor, v_ctx: Tensor,
+                             k_dec: Tensor, v_dec: Tensor, slot: Tensor, start: int = 0) -> Tensor:
+    return run_rope_decode_attention(q, k, v, freqs_cis, k_ctx, v_ctx, k_dec, v_dec, slot, start)
+
+
 @torch.library.triton_op("bifurcated::prefix_attention", mutates_args=())
 def prefix_decode_attention(q: Tensor, k_pre: Tensor, v_pre: Tensor, k_prm: Tensor, v_prm: Tensor, prm_len: Tensor,
                             k_dec: Tensor, v_dec: Tensor, slot: Tensor, start: int = 0) -> Tensor:
@@ -509,6 +597,11 @@ def rope_store(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, k_dec: Tensor
     rotation of their positions freqs_cis ((1 or B), 1, D/2, 2): q rotated, (B, H, 1, D), returned;
     k rotated and v stored in slot slot[0] - start of k_dec, v_dec (B, Hkv, T, D). One launch:
     bifurcated.store_decode in plain PyTorch."""
+    return run_rope_store(q, k, v, freqs_cis, k_dec, v_dec, slot, start)
+
+
+def run_rope_store(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor,
+                   start: int) -> Tensor:
     B, _, H, D = q.shape
     out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
     launch_rope_store(torch.library.wrap_triton(_rope_store_kernel), q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),

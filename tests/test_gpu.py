@@ -94,6 +94,29 @@ def test_rope_store_matches_plain(Hkv, per_row):
     assert torch.equal(caches[1], ref_caches[1])  # v: copied as it is
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["one-position", "positions-per-row"])
+@pytest.mark.parametrize("Hkv,n", [(32, 1), (32, 8), (32, 64), (8, 32), (1, 7), (32, 256)])
+def test_rope_in_attention_launch_matches_apart(Hkv, n, per_row):
+    # RoPE + the store of the step's k and v inside the attention's launch (the plan of few samples; at
+    # n = 256 the op takes them apart) == rope_store, then decode_attention
+    from model import precompute_freqs_cis
+    bt = pytest.importorskip("bifurcated_triton")
+    H, D, M, T, slot = 32, 128, 4097, 128, 37
+    g = torch.Generator("cuda").manual_seed(n + Hkv)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)
+    q, k, v = rnd(n, 1, (H + 2 * Hkv) * D).split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = q.view(n, 1, H, D), k.view(n, 1, Hkv, D), v.view(n, 1, Hkv, D)  # views of one qkv product
+    table = precompute_freqs_cis(8192, D, 10000.0, None, "cuda")
+    freqs = table[M + slot + torch.arange(n if per_row else 1, device="cuda")][:, None]
+    kc, vc, kd, vd = rnd(Hkv, M, D), rnd(Hkv, M, D), rnd(n, Hkv, T, D), rnd(n, Hkv, T, D)
+    kd2, vd2 = kd.clone(), vd.clone()
+    pos = torch.tensor([M + slot], device="cuda")
+    out = bt.rope_decode_attention(q, k, v, freqs, kc, vc, kd2, vd2, pos, M)
+    ref = bt.decode_attention(bt.rope_store(q, k, v, freqs, kd, vd, pos, M), kc, vc, kd, vd, pos, M)
+    assert torch.equal(kd2, kd) and torch.equal(vd2, vd)
+    assert rel_err(out, ref) < 1e-3
+
+
 @pytest.mark.parametrize("Hkv", [32, 8, 1])
 def test_rope_store_context_matches_plain(Hkv):
     # the prefill's RoPE + context-cache write in one kernel == the same in plain PyTorch; a prompt

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ATTENTION = """
 import torch
 import bifurcated_triton as bt
-from bifurcated import bifurcated_attention, prefix_attention
+from bifurcated import bifurcated_attention, prefix_attention, store_decode
+from model import precompute_freqs_cis
 
 def rel(out, ref):
     return ((out - ref).norm() / ref.norm()).item()
@@ -36,6 +37,16 @@ for fused in (True, False):
         for tiles in (bt.Tiles(), bt.Tiles(block_n=32), bt.Tiles(wide_rows=16)):
             worst = max(worst, rel(bt.run_decode_attention(q, kc, vc, kd, vd, slot, tiles=tiles), ref))
             worst = max(worst, rel(bt.run_decode_attention(q, kc, vc, kd, vd, slot, tiles=tiles, side=True), ref))
+        # RoPE and the store of the step's k and v in the attention's launch (where the own slots are split),
+        # from q, k, v before RoPE, views of one qkv product; positions the same or one per sample
+        for per_row in (False, True):
+            qkv = torch.randn(n, 1, (H + 2 * Hkv) * D)
+            qr, kr, vr = (t.view(n, 1, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
+            freqs = precompute_freqs_cis(256, D, 10000.0, None, "cpu")[M + filled - 1 + torch.arange(n if per_row else 1)]
+            kd2, vd2 = kd.clone(), vd.clone()
+            ref = bifurcated_attention(store_decode(qr, kr, vr, freqs[:, None], kd, vd, slot), kc, vc, kd, vd, slot)
+            out = bt.run_rope_decode_attention(qr, kr, vr, freqs[:, None], kc, vc, kd2, vd2, slot + M, M)
+            worst = max(worst, rel(out, ref), rel(kd2, kd), rel(vd2, vd))
     # several prompts: prefix (or none), prompts of unequal lengths, own slots
     for Np, n, H, Hkv, Mp, L, D, T, filled in [(3, 2, 4, 2, 40, 70, 16, 8, 5), (2, 4, 4, 4, 0, 65, 16, 8, 8),
                                                 (2, 3, 2, 2, 64, 33, 16, 8, 2)]:
