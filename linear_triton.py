@@ -309,6 +309,8 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     kind = "int4" if group else "int8" if scales is not None else "bf16"
     tiles = tiles or default_tiles(kind, N)
     x = x.contiguous()
+    if group and scales.storage_offset() % 2:  # the kernel reads each (scale, zero) pair as one 32-bit word
+        scales = scales.clone()
     block_k = min(group, tiles.block_k or 128) if group else tiles.block_k or 256 // weight.element_size()
     n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     if swiglu:  # the activation needs the whole sum over K: one split
