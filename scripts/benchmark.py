@@ -79,8 +79,10 @@ def linear_params(model: nn.Module) -> int:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    # what a step reads of the weights, quantized or not (scales included): all but the embedding
-    tensors = [*model.parameters(), *model.buffers()]
+    # what a step reads of the weights, quantized or not (scales included): all but the embedding, and
+    # one of the two copies of an int4 weight (quantize.Int4Linear.tinygemm: PyTorch's layout, read
+    # instead of `weight` at 1 row)
+    tensors = [*model.parameters(), *(b for name, b in model.named_buffers() if not name.endswith(".tinygemm"))]
     return sum(t.numel() * t.element_size() for t in tensors) - model.tok_embeddings.weight.nbytes
 
 

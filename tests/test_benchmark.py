@@ -86,6 +86,22 @@ def test_quantized_rows_read_fewer_bytes(tmp_path, plan_calls):
     assert "| tiny-gqa | 64 | 3 | bifurcated | int8 |" in table
 
 
+def test_weight_bytes_count_one_copy_of_int4():
+    # an int4 layer on CUDA also keeps its weight in PyTorch's layout (Int4Linear.tinygemm) and a step
+    # reads one of the two; the embedding is not read but for n rows
+    import quantize
+    from model import Transformer
+    config = ModelArgs(dim=64, intermediate_size=128, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=256, block_size=64)
+    model = quantize.quantize_model(Transformer(config), "int4", 32)
+    layers = [m for m in model.modules() if isinstance(m, quantize.Int4Linear)]
+    read = (sum(m.weight.nbytes + m.scales_and_zeros.nbytes for m in layers) + model.output.weight.nbytes
+            + sum(p.nbytes for name, p in model.named_parameters() if "norm" in name))
+    assert benchmark.weight_bytes(model) == read
+    for m in layers:  # as pack_for_cuda leaves it: as many bytes again
+        m.tinygemm = torch.empty(m.weight.numel() // 4, dtype=torch.int32)
+    assert benchmark.weight_bytes(model) == read
+
+
 def test_merge_joins_runs(tmp_path, plan_calls):
     for tag, M in [("a", 64), ("b", 100)]:
         benchmark.main(out_dir=str(tmp_path), **dict(SWEEP, contexts=[M], samples=[1], attention=["bifurcated"],
