@@ -4,6 +4,12 @@
 # once, as CUDA graphs (median), twice.
 #
 #   python scripts/probe_overlap.py      # H100 output: bench/results/h100-80gb-hbm3/overlap-gemm-reads.txt
+#   python scripts/probe_overlap.py --carveout 0 16 32 48 --blas cublas cublaslt
+# --carveout: the products also with this many SMs left to other kernels (PyTorch's experimental
+# torch._C._set_sm_carveout_experimental, which cuBLAS(Lt) takes as its SM count target); --blas: which
+# library PyTorch calls for them
+import argparse
+import itertools
 import sys
 
 import torch
@@ -16,7 +22,7 @@ LAYERS = 32
 SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]  # wqkv, wo, w13, w2: (N, K)
 
 
-def main():
+def main(carveouts: list, blas: list):
     torch.manual_seed(0)
     weights = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in SHAPES] for _ in range(4)]
     x = {k: torch.randn(256, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 11008)}  # (256, K)
@@ -44,9 +50,24 @@ def main():
         cur.wait_stream(s1)
         cur.wait_stream(s2)
 
-    for name, fn in [("gemms", gemms), ("reads", reads), ("both", both)] * 2:
-        print(name, f"{triton.testing.do_bench_cudagraph(fn, return_mode='median'):.2f} ms", flush=True)
+    for library, carveout in itertools.product(blas, carveouts):
+        if library is not None:
+            torch.backends.cuda.preferred_blas_library(library)
+        if carveout is not None:
+            torch._C._set_sm_carveout_experimental(carveout)
+        label = "" if library is None and carveout is None else f"[{library or 'default'}, carveout {carveout}] "
+        ms = {}
+        for name, fn in [("gemms", gemms), ("reads", reads), ("both", both)] * 2:
+            ms[name] = triton.testing.do_bench_cudagraph(fn, return_mode="median")
+            print(f"{label}{name} {ms[name]:.2f} ms", flush=True)
+        if label:
+            saved = ms["gemms"] + ms["reads"] - ms["both"]
+            print(f"{label}overlap {saved:.2f} ms of {ms['gemms'] + ms['reads']:.2f}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--carveout", type=int, nargs="+", default=[None], help="SMs the products leave free")
+    p.add_argument("--blas", nargs="+", default=[None], choices=["cublas", "cublaslt"])
+    args = p.parse_args()
+    main(args.carveout, args.blas)
