@@ -260,8 +260,10 @@ def markdown(result: dict) -> str:
         head += [f"- `{src['command']}`: {setting(src)}" for src in result["sources"]]
     else:
         head = [setting(result), "", f"`{result['command']}`"]
-    lines = [f"# Decode benchmark: {result['gpu']}", "", *head, "", *DECODE_HEADER,
-             *(table_row(r) for r in result["rows"] if r["kind"] == "decode")]
+    lines = [f"# Decode benchmark: {result['gpu']}", "", *head]
+    decode = [table_row(r) for r in result["rows"] if r["kind"] == "decode"]
+    if decode:
+        lines += ["", *DECODE_HEADER, *decode]
     many = [table_row(r) for r in result["rows"] if r["kind"] == "many"]
     if many:
         lines += ["", "Several prompts after a shared prefix:", "", *MANY_HEADER, *many]

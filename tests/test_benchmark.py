@@ -202,3 +202,4 @@ def test_many_prompt_rows(tmp_path, plan_calls):
     kv = one["bytes_per_step_gb"] - three["bytes_per_step_gb"]
     assert kv == pytest.approx(2 * 20 * (2 * 2 * 2 * 16 * 4) / 1e9)  # 40 tokens of 512 bytes fewer
     assert [c for c in (64, 100) if f"| {c} |" in table] == [] and "Several prompts after a shared prefix" in table
+    assert "| model | context |" not in table  # no empty table of one-prompt rows
