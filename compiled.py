@@ -20,7 +20,7 @@ def run_layer(layer: torch.nn.Module, x: Tensor, freqs_cis: Tensor, input_pos: T
 
 def decode_step(model: Transformer, tail: Callable, compile: bool) -> Callable:
     """step(tokens, input_pos): tokens (n, 1) at position input_pos (), or (n, 1) per row, through the
-    layers, then tail(model, x) of the last layer's output x (n, 1, C) (generate.next_tokens: next
+    layers, then tail(model, x) of the last layer's output x (n, 1, C) (sampling.next_tokens: next
     tokens and their log-probs). With compile, compiled as above."""
     layer = None  # run as they are
     if compile:

@@ -1,7 +1,7 @@
 # Parallel sampling from shared prompts: load a model, prefill the prompt once (batch 1), draw the
 # first token of each of n samples from the same last logits, then decode all n samples in one
-# batched step per token until each hits EOS or max_new_tokens. Several prompts after a shared
-# prefix: the prefix is prefilled once, each prompt continues from it, all P x n samples decode together.
+# batched step per token until each hits EOS, a stop text or max_new_tokens. Several prompts after a
+# shared prefix: the prefix is prefilled once, each prompt continues from it, all P x n samples decode together.
 # CLI:    python generate.py --prompt "def f(" --num_samples 32   (or --prompt_file F --shared_prefix T)
 # Python: model, tok = load_model(path); records, stats = complete(model, tok, "def f(", num_samples=32)
 import argparse
@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -24,51 +24,10 @@ from bifurcated import CACHES, PrefixCache, check_memory, make_caches, plan_memo
 from checkpoint import DEFAULT_CHECKPOINT, load_model, resolve_device, resolve_dtype  # noqa: F401 (API)
 from compiled import DecodeLoop, prefill_step
 from model import Transformer
+from sampling import next_tokens, sample_tokens
 from tokenizer import Tokenizer
 
-
-# ---------------------------------------------------------------------------------------------
-# Sampling
-def argmax_rows(x: Tensor, chunks: int = 64) -> Tensor:
-    # x (n, V) -> (n,), as x.argmax(-1) (the first of equal maxima), in two passes: the largest of each
-    # of a row's chunks, then of those, so that a few rows spread over many programs. Compiled, on the
-    # H100: one program per row took 24 us of a decode step at n = 1; 8K n = 1 6.78 -> 6.76 ms a step
-    x = torch.nn.functional.pad(x, (0, -x.size(1) % chunks), value=float("-inf")).view(len(x), chunks, -1)
-    best, at = x.max(dim=-1)  # (n, chunks) each
-    c = best.argmax(dim=-1, keepdim=True)  # (n, 1)
-    return (c * x.size(-1) + at.gather(-1, c))[:, 0]
-
-
-def sample_tokens(logits: Tensor, temperature: float, top_k: Optional[int], top_p: float, groups: int = 1) -> Tensor:
-    # logits (n, V) fp32 -> (n,) ids. No host sync: the exponential race below is Gumbel-max.
-    # groups: the rows are that many prompts' samples, prompt-major, and each prompt draws the same
-    # noise, so that its samples are those it would get alone with the same seed.
-    if temperature == 0:
-        return argmax_rows(logits)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (n, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (n, V)
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass
-        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p  # (n, V); the first is kept
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    race = torch.empty_like(logits[: logits.size(0) // groups]).exponential_(1).repeat(groups, 1)  # (n, V)
-    # the token of the largest softmax(logits) / race; the softmax's normalization does not move it,
-    # so no pass over the vocabulary for it: the largest logits - log(race)
-    return argmax_rows(logits - race.log())
-
-
-def next_tokens(model: Transformer, x: Tensor, temperature: float, top_k: Optional[int], top_p: float,
-                vocab_size: int, groups: int = 1) -> tuple[Tensor, Tensor]:
-    # x (n, 1, C) the last layer's output (the decode step's: compiled.DecodeLoop) -> next tokens (n,),
-    # their log-probs (n,)
-    logits = model.output(model.norm(x))[:, -1, :vocab_size].float()  # (n, V)
-    nxt = sample_tokens(logits, temperature, top_k, top_p, groups)
-    logprob = logits.gather(-1, nxt[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # (n,): log_softmax's, at nxt
-    return nxt, logprob
+STOP_HEAD = 8  # prompt tokens decoded before a sample's when looking for its stop texts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,11 +72,14 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
                   num_samples: int = 1, max_new_tokens: int = 128, temperature: float = 0.8,
                   top_k: Optional[int] = None, top_p: float = 1.0, eos_ids: Sequence[int] = (),
                   attention: str = "bifurcated", compile: bool = False, seed: Optional[int] = None,
-                  progress: bool = False, vocab_size: Optional[int] = None) -> list[Generation]:
+                  progress: bool = False, vocab_size: Optional[int] = None,
+                  stop_at: Optional[Callable[[int, list[int]], Optional[int]]] = None) -> list[Generation]:
     """n samples of each prompt (token ids), each placed after the shared prefix: one Generation per
     prompt, the same samples it would get alone (prefix + prompt, same seed). Several prompts use
     three cache levels (bifurcated.PrefixCache); one runs prefix + prompt as its context.
-    vocab_size: sample only ids below it (a tokenizer smaller than the model's padded embedding)."""
+    vocab_size: sample only ids below it (a tokenizer smaller than the model's padded embedding).
+    stop_at(p, ids): for a sample of prompt p that generated ids, how many of them complete a stop
+    text (complete_many's), or None; such a sample ends there, with finish_reason "stop"."""
     check_sampling_args(num_samples, max_new_tokens, temperature, top_k, top_p, attention)
     prefix, prompts = list(prefix_ids), [list(p) for p in prompts]
     if not prompts:
@@ -166,7 +128,23 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
     caches, loop, prefill_one = last[1:]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the peak of this run: its caches and after
-    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+    eos_set = set(eos_ids)
+    eos = torch.tensor(sorted(eos_set), dtype=torch.long, device=device)
+
+    def ending(r: int, row: list[int]) -> tuple[int, str]:
+        # row r's generated ids -> how many of them it keeps (without an EOS token), and why it ended
+        end = next((j for j, t in enumerate(row) if t in eos_set), len(row))  # ids after an EOS are not its
+        stop = stop_at(r // n, row[:end]) if stop_at else None
+        return (stop, "stop") if stop is not None else (end, "eos" if end < len(row) else "length")
+
+    running = set(range(B))  # rows that have not hit an EOS token or a stop text yet
+
+    def all_done(cols: int) -> bool:  # syncs with the device
+        if stop_at is None:
+            return bool(torch.isin(loop.out[:, :cols], eos).any(1).all())
+        rows = loop.out[:, :cols].tolist()
+        running.difference_update([r for r in running if ending(r, rows[r])[1] != "length"])
+        return not running
 
     sync(device)
     t0 = time.perf_counter()
@@ -202,7 +180,7 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
         if bar:
             bar.update(steps)
         # checking for "all done" syncs with the device, so only every 16 steps
-        if len(eos) and steps % 16 == 0 and bool(torch.isin(loop.out[:, : i + 1], eos).any(1).all()):
+        if (len(eos) or stop_at) and steps % 16 == 0 and all_done(i + 1):
             break
     sync(device)
     t_decode = time.perf_counter() - t1
@@ -210,14 +188,13 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
         bar.close()
 
     ids, lps = loop.out[:, : steps + 1].tolist(), loop.logprobs[:, : steps + 1].tolist()
-    eos_set = set(eos_ids)
     tokens, means, reasons = [], [], []
-    for row, lp in zip(ids, lps):
-        end = next((j for j, t in enumerate(row) if t in eos_set), None)
-        tokens.append(row[:end] if end is not None else row)
-        kept = lp[: end + 1] if end is not None else lp
+    for r, (row, lp) in enumerate(zip(ids, lps)):
+        end, reason = ending(r, row)
+        tokens.append(row[:end])
+        kept = lp[: end + 1] if reason == "eos" else lp[:end]  # the EOS token's log-prob counts too
         means.append(sum(kept) / len(kept))
-        reasons.append("eos" if end is not None else "length")
+        reasons.append(reason)
     timed_steps = steps - warmup
     stats = dict(
         prompt_tokens=M, num_samples=n, steps=steps + 1, attention=attention, seed=seed, prefill_ms=1e3 * t_prefill,
@@ -260,10 +237,14 @@ def complete(model: Transformer, tokenizer: Optional[Tokenizer], prompt, num_sam
 
 
 def complete_many(model: Transformer, tokenizer: Optional[Tokenizer], prompts: list, prefix="",
-                  num_samples: int = 1, **kwargs) -> tuple[list[dict], dict]:
+                  num_samples: int = 1, stop: Sequence[str] = (), **kwargs) -> tuple[list[dict], dict]:
     """n completions of each prompt (text, or token ids), each placed after the shared prefix (its
     own tokenization: the prefix and each prompt are encoded apart and joined). One record per sample,
-    prompt-major, with its prompt_index."""
+    prompt-major, with its prompt_index. A sample whose text comes to one of the stop texts ends
+    there: its text is cut before it, its tokens end with the one that completes it."""
+    check_stop_texts(stop)
+    if stop and tokenizer is None:
+        raise ValueError("stop texts need a tokenizer, and this checkpoint has none")
     def encode(text, bos: bool) -> list[int]:
         if not isinstance(text, str) or not text:
             return list(text)
@@ -276,20 +257,28 @@ def complete_many(model: Transformer, tokenizer: Optional[Tokenizer], prompts: l
     if len(prompts) == 1 and not prefix_ids + prompt_ids[0]:
         raise ValueError("the prompt is empty")
     eos_ids, vocab_size = (sorted(tokenizer.stop_ids), tokenizer.vocab_size) if tokenizer is not None else ((), None)
+    if stop:  # each check decodes a prompt's last tokens only before the sample's (its first space)
+        heads = [(prefix_ids + ids)[-STOP_HEAD:] for ids in prompt_ids]
+        kwargs["stop_at"] = lambda p, ids: tokenizer.stop_at(heads[p], ids, stop)
     gens = generate_many(model, prompt_ids, prefix_ids, num_samples, eos_ids=eos_ids, vocab_size=vocab_size, **kwargs)
+
+    def text(prompt: list[int], toks: list[int], reason: str) -> Optional[str]:
+        if tokenizer is None:
+            return None
+        out = tokenizer.continuation(prompt, toks)
+        found = [out.find(s) for s in stop if s in out] if reason == "stop" else []
+        return out[: min(found)] if found else out
+
     records = [dict(prompt_index=p, sample=i, prompt_tokens=len(prefix_ids + ids), tokens=toks,
-                    text=continuation(tokenizer, prefix_ids + ids, toks) if tokenizer is not None else None,
-                    mean_logprob=mp, finish_reason=fr)
+                    text=text(prefix_ids + ids, toks, fr), mean_logprob=mp, finish_reason=fr)
                for p, (ids, gen) in enumerate(zip(prompt_ids, gens))
                for i, (toks, mp, fr) in enumerate(zip(gen.tokens, gen.mean_logprob, gen.finish_reason))]
     return records, dict(gens[0].stats, prompt_tokens=max(r["prompt_tokens"] for r in records))
 
 
-def continuation(tokenizer: Tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
-    # Decoding the new ids alone can lose a leading space (sentencepiece strips one at the start
-    # of a text), so decode prompt + new ids and cut the prompt's text off.
-    head, full = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + ids)
-    return full[len(head) :] if full.startswith(head) else tokenizer.decode(ids)
+def check_stop_texts(stop: Sequence[str]):
+    if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop texts must be a list of non-empty texts, got {stop!r}")
 
 
 def rerank_records(records: list[dict]) -> list[dict]:
@@ -351,6 +340,14 @@ def random_prompt(prompt_len: int, vocab_size: int) -> list[int]:
     return torch.randint(0, vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
+def unescape(text: str) -> str:
+    # "\n" typed on a command line arrives as a backslash and an n: read Python's escapes
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"stop text {text!r}: {e.reason}") from None
+
+
 def read_text(path: str, what: str) -> str:
     try:
         return Path(path).read_text()
@@ -362,8 +359,10 @@ def main(checkpoint_path: Optional[str], prompt: Optional[str], prompt_file: Opt
          prompt_len: Optional[int], shared_prefix: Optional[str], shared_prefix_file: Optional[str],
          num_samples: int, max_new_tokens: int, temperature: float,
          top_k: Optional[int], top_p: float, seed: Optional[int], attention: str, device: Optional[str],
-         dtype: Optional[str], compile: Optional[bool], rerank: bool, output: Optional[str]):
+         dtype: Optional[str], compile: Optional[bool], rerank: bool, output: Optional[str], stop: list[str]):
     check_sampling_args(num_samples, max_new_tokens, temperature, top_k, top_p, attention)
+    stop = [unescape(s) for s in stop]
+    check_stop_texts(stop)
     if shared_prefix is not None and shared_prefix_file is not None:
         raise ValueError("give at most one of --shared_prefix, --shared_prefix_file")
     prefix = read_text(shared_prefix_file, "shared prefix file") if shared_prefix_file else shared_prefix or ""
@@ -381,7 +380,7 @@ def main(checkpoint_path: Optional[str], prompt: Optional[str], prompt_file: Opt
     compile = dev.type == "cuda" if compile is None else compile
     records, stats = complete_many(model, tokenizer, prompts, prefix, num_samples, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_k=top_k, top_p=top_p, attention=attention,
-                                   compile=compile, seed=seed, progress=rank == 0)
+                                   compile=compile, seed=seed, progress=rank == 0, stop=stop)
     if rerank:
         records = rerank_records(records)
     if rank == 0:  # every rank holds the same samples; one prints and writes them
@@ -432,6 +431,8 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile + CUDA graphs for the decode step (default: on for cuda, off for cpu)")
+    p.add_argument("--stop", nargs="+", default=[], metavar="TEXT",
+                   help="end a sample where its text comes to one of these (cut before it); Python escapes: '\\n'")
     p.add_argument("--rerank", action="store_true", help="order the samples by mean token log-probability, best first")
     p.add_argument("--output", help="write one JSON object per sample to this .jsonl file")
     args = p.parse_args()

@@ -5,6 +5,7 @@
 import base64
 import re
 from pathlib import Path
+from typing import Optional, Sequence
 
 import sentencepiece as spm
 import tiktoken
@@ -49,6 +50,27 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
+
+    def continuation(self, prompt_ids: list[int], ids: list[int]) -> str:
+        # Decoding the new ids alone can lose a leading space (sentencepiece strips one at the start
+        # of a text), so decode prompt + new ids and cut the prompt's text off.
+        head, full = self.decode(prompt_ids), self.decode(prompt_ids + ids)
+        return full[len(head) :] if full.startswith(head) else self.decode(ids)
+
+    def stop_at(self, prompt_ids: list[int], ids: list[int], stop: Sequence[str]) -> Optional[int]:
+        """How many of ids, the continuation of prompt_ids, it takes for their text to hold one of
+        the stop texts; None where it holds none."""
+        def found(k: int) -> bool:
+            text = self.continuation(prompt_ids, ids[:k])
+            return any(s in text for s in stop)
+
+        if not found(len(ids)):
+            return None
+        lo, hi = 0, len(ids)  # the text of ids[:hi] holds a stop text and that of ids[:lo] none; the
+        while hi - lo > 1:  # text only grows with ids, so halving the range finds the first that does
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if found(mid) else (mid, hi)
+        return hi
 
 
 class SentencePieceTokenizer(Tokenizer):

@@ -19,7 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 import quantize
 from bifurcated import make_caches
 from compiled import CUDAGraphStep, DecodeLoop, prefill_step
-from generate import load_model, next_tokens, random_prompt, resolve_device
+from generate import load_model, random_prompt, resolve_device
+from sampling import next_tokens
 
 
 @torch.no_grad()

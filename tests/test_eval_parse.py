@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 
 import tok_fixtures
 from checkpoint import CHECKPOINT_FILE
-from generate import continuation
 from model import ModelArgs, Transformer
 from tokenizer import load_tokenizer
 
@@ -163,7 +162,7 @@ def test_continuation_keeps_leading_indentation(ckpt):
     ids = tok.encode(prompt + body, bos=True)
     n = len(tok.encode(prompt, bos=True))
     assert ids[:n] == tok.encode(prompt, bos=True)  # the prompt's ids are a prefix here
-    assert continuation(tok, ids[:n], ids[n:]) == body
+    assert tok.continuation(ids[:n], ids[n:]) == body
 
 
 def test_end_to_end(ckpt, tmp_path):

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from bifurcated import bifurcated_attention, make_caches
-from generate import argmax_rows, generate, generate_many, sample_tokens
+from generate import generate, generate_many
 from model import ModelArgs, Transformer
+from sampling import argmax_rows, sample_tokens
 
 CONFIGS = ["tiny-mha", "tiny-gqa", "tiny-mqa"]
 
