@@ -24,6 +24,11 @@ def decode_step(model: Transformer, tail: Callable, compile: bool) -> Callable:
     tokens and their log-probs). With compile, compiled as above."""
     layer = None  # run as they are
     if compile:
+        # Dynamo keeps a function's compiled versions, one for each set of shapes it met, and with
+        # fullgraph fails at the ninth (recompile_limit): a process that ran nine prompt lengths
+        # stopped. A run keeps one set of shapes (generate_many), so a new one drops the others.
+        for f in (run_layer, DecodeLoop.record):
+            torch._dynamo.eval_frame.remove_from_cache(f)
         layer = torch.compile(run_layer, fullgraph=True, dynamic=False)
         tail = torch.compile(tail, fullgraph=True, dynamic=False)
 

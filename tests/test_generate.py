@@ -188,6 +188,17 @@ def test_same_sizes_reuse_caches_and_step():
     assert generate(model, prompt, num_samples=4, max_new_tokens=6, seed=1).tokens == other.tokens
 
 
+def test_compiled_runs_of_more_sizes_than_the_recompile_limit():
+    # dynamo compiles a function again for each new set of shapes and, with fullgraph, fails past its
+    # recompile limit (8): a process that samples prompts of many lengths must go on, the same as eager
+    model = tiny_model("tiny-gqa")
+    kw = dict(num_samples=2, max_new_tokens=4, temperature=0.0)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for m in (9, 10, 11, 12):
+            prompt = prompt_ids(m)
+            assert generate(model, prompt, compile=True, **kw).tokens == generate(model, prompt, **kw).tokens
+
+
 def test_compiled_step_is_one_graph_for_all_layers():
     # generate(compile=True): every layer through one compiled graph, the norm, head and sampling through
     # a second, however deep the model; the same tokens as the eager step (greedy), several prompts too
