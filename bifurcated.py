@@ -245,10 +245,40 @@ def plan_memory(config, attention: str, n: int, M: int, T: int, dtype: torch.dty
                 total=weights + context + decode + workspace)
 
 
-def check_memory(config, attention: str, n: int, M: int, T: int, dtype: torch.dtype, device: torch.device):
-    """Stop with the numbers, and the most samples that would fit, if a run cannot fit on the GPU.
-    The model's weights are already loaded, so what is free must hold the rest."""
-    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+class DoesNotFit(ValueError):
+    """A run too large for the GPU's free memory; with several prompts, groups: consecutive prompts
+    that would fit, each group one run (prompt_groups)."""
+    def __init__(self, message: str, groups: Optional[list[range]] = None):
+        super().__init__(message)
+        self.groups = groups
+
+
+def free_memory(device) -> Optional[int]:
+    """Bytes a run can still allocate on the GPU (the weights are loaded); None on a CPU: no limit."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def prompt_groups(config, n: int, prefix_len: int, prompt_lens: list[int], T: int, dtype: torch.dtype,
+                  free: int) -> list[range]:
+    """Consecutive prompts in groups whose three-level caches each fit in free bytes, as many prompts
+    to a group as fit (a group of one that does not fit is check_memory's to report)."""
+    def fits(lens: list[int]) -> bool:  # each prompt's level is padded to the longest
+        plan = plan_memory(config, "bifurcated", len(lens) * n, prefix_len + len(lens) * max(lens), T, dtype)
+        return plan["total"] - plan["weights"] <= free
+
+    groups, first = [], 0
+    for p in range(1, len(prompt_lens)):
+        if not fits(prompt_lens[first : p + 1]):
+            groups.append(range(first, p))
+            first = p
+    return groups + [range(first, len(prompt_lens))]
+
+
+def check_memory(config, attention: str, n: int, M: int, T: int, dtype: torch.dtype, free: int):
+    """Stop with the numbers, and the most samples that would fit, if a run cannot fit in the free
+    bytes of the GPU (free_memory: the model's weights are already loaded)."""
     plan = plan_memory(config, attention, n, M, T, dtype)
     need = plan["total"] - plan["weights"]
     if need <= free:
@@ -257,7 +287,7 @@ def check_memory(config, attention: str, n: int, M: int, T: int, dtype: torch.dt
     per_sample = plan_memory(config, attention, 2, M, T, dtype)["total"] - one["total"]
     fit = (free - (one["total"] - one["weights"])) // per_sample + 1
     gb = lambda x: f"{x / 1e9:.1f}"
-    raise ValueError(
+    raise DoesNotFit(
         f"does not fit in GPU memory: {attention} attention, {n} samples, {M} + {T} tokens needs {gb(plan['total'])} GB "
         f"(weights {gb(plan['weights'])} + context cache {gb(plan['context'])} + decode cache {gb(plan['decode'])} "
         f"+ workspace {gb(plan['workspace'])}) with {gb(free)} GB free beside the weights; "

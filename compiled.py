@@ -6,6 +6,7 @@
 # once as a CUDA graph and replayed: no launch overhead, no host sync. A short prompt's prefill runs
 # eagerly, then as a CUDA graph too (prefill_step).
 import functools
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -72,6 +73,23 @@ class DecodeLoop:
         self.tokens.copy_(nxt[:, None])
         self.input_pos.add_(1)
         self.col.add_(1)
+
+
+class Progress:
+    # The decode loop's progress on stderr, counted as the host enqueues steps: it never waits for the GPU.
+    def __init__(self, total: int, show: bool = True):
+        self.total, self.shown, self.active = total, -1, show and total >= 64 and sys.stderr.isatty()
+
+    def update(self, done: int):
+        pct = 100 * done // self.total
+        if self.active and pct != self.shown:
+            self.shown = pct
+            sys.stderr.write(f"\rdecoding {done}/{self.total} steps ({pct}%)")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.active:
+            sys.stderr.write("\r" + " " * 40 + "\r")
 
 
 GRAPH_PREFILL_MAX = 2048  # prompts of up to this many tokens prefill as a CUDA graph (prefill_step)

@@ -5,6 +5,7 @@
 # CLI:    python generate.py --prompt "def f(" --num_samples 32   (or --prompt_file F --shared_prefix T)
 # Python: model, tok = load_model(path); records, stats = complete(model, tok, "def f(", num_samples=32)
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -20,11 +21,12 @@ import torch
 from torch import Tensor
 
 import tp
-from bifurcated import CACHES, PrefixCache, check_memory, make_caches, plan_memory  # noqa: F401 (plan_memory: API)
+from bifurcated import DoesNotFit, PrefixCache, check_memory, free_memory, make_caches, prompt_groups
+from bifurcated import plan_memory  # noqa: F401 (API: scripts/benchmark.py records its plan)
 from checkpoint import DEFAULT_CHECKPOINT, load_model, resolve_device, resolve_dtype  # noqa: F401 (API)
-from compiled import DecodeLoop, prefill_step
+from compiled import DecodeLoop, Progress, prefill_step
 from model import Transformer
-from sampling import next_tokens, sample_tokens
+from sampling import check_sampling_args, next_tokens, sample_tokens
 from tokenizer import Tokenizer
 
 
@@ -36,22 +38,6 @@ class Generation:
     mean_logprob: list[float]  # mean log-prob under the model (temperature 1) of each sample's tokens, EOS included
     finish_reason: list[str]  # "eos", "stop" or "length"
     stats: dict = field(default_factory=dict)
-
-
-def check_sampling_args(num_samples: int, max_new_tokens: int, temperature: float, top_k: Optional[int],
-                        top_p: float, attention: str):
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if attention not in CACHES:
-        raise ValueError(f"unknown attention {attention!r}; known: {', '.join(CACHES)}")
 
 
 def sync(device: torch.device):
@@ -76,8 +62,7 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
     prompt, the same samples it would get alone (prefix + prompt, same seed). Several prompts use
     three cache levels (bifurcated.PrefixCache); one runs prefix + prompt as its context.
     vocab_size: sample only ids below it (a tokenizer smaller than the model's padded embedding).
-    stop_at(p, ids): for a sample of prompt p that generated ids, how many of them complete a stop
-    text (complete_many's), or None; such a sample ends there, with finish_reason "stop"."""
+    stop_at(p, ids): how many of ids, a sample of prompt p, end at a stop text (finish_reason stop), or None."""
     check_sampling_args(num_samples, max_new_tokens, temperature, top_k, top_p, attention)
     prefix, prompts = list(prefix_ids), [list(p) for p in prompts]
     if not prompts:
@@ -111,9 +96,13 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
     if not (last and last[0] == key and all(l.attention.kv_cache is c for l, c in zip(model.layers, last[1]))):
         model.last_run = None
         model.setup(M + T)  # drop an earlier run's caches before planning and allocating new ones
-        stored = Mp + Np * max(lens)  # context tokens held once (each prompt's level padded to the longest)
-        if device.type == "cuda":
-            check_memory(cfg, attention, B, stored, T, dtype, device)
+        free = tp.smallest_on_all_ranks(free_memory(device))  # None on a CPU; all ranks make one plan
+        groups = prompt_groups(cfg, n, Mp, lens, T, dtype, free) if Np > 1 and free is not None else []
+        if len(groups) > 1:  # complete_many runs such groups one after another
+            raise DoesNotFit(f"does not fit in GPU memory: {Np} prompts x {n} samples at once; in {len(groups)} "
+                             "runs of consecutive prompts they would", groups)
+        if free is not None:  # the context tokens held once, each prompt's level padded to the longest
+            check_memory(cfg, attention, B, Mp + Np * max(lens), T, dtype, free)
         if Np == 1:
             caches = make_caches(attention, cfg, n, M, T, dtype, device)
         else:
@@ -167,7 +156,7 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
 
     # Steady-state timing starts once compilation and CUDA-graph recording (first calls) are over.
     warmup = min(3 if compile else 0, T - 1)
-    bar = Progress(T - 1) if progress else None
+    bar = Progress(T - 1, progress)
     steps, t_warm, t1 = 0, 0.0, time.perf_counter()
     for i in range(1, T):
         loop.advance()  # fills column i of loop.out and loop.logprobs
@@ -175,15 +164,13 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
         if steps == warmup:
             sync(device)
             t_warm, t1 = time.perf_counter() - t1, time.perf_counter()
-        if bar:
-            bar.update(steps)
+        bar.update(steps)
         # checking for "all done" syncs with the device, so only every 16 steps
         if (len(eos) or stop_at) and steps % 16 == 0 and all_done(i + 1):
             break
     sync(device)
     t_decode = time.perf_counter() - t1
-    if bar:
-        bar.close()
+    bar.close()
 
     ids, lps = loop.out[:, : steps + 1].tolist(), loop.logprobs[:, : steps + 1].tolist()
     tokens, means, reasons = [], [], []
@@ -204,27 +191,22 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
             for p in range(Np)]
 
 
+def joined(runs: list[list[Generation]], n: int, prefix_len: int) -> list[Generation]:
+    # the runs of several groups of prompts as one: their times added, the throughput over them all
+    s = [run[0].stats for run in runs]
+    tokens, total = [n * len(run) * x["steps"] for run, x in zip(runs, s)], lambda k: sum(x[k] for x in s)
+    both = dict(s[0], steps=max(x["steps"] for x in s), num_prompts=sum(map(len, runs)), groups=len(runs),
+                prefix_tokens=prefix_len, prefill_ms=total("prefill_ms"), compile_s=total("compile_s"),
+                decode_ms_per_step=sum(x["decode_ms_per_step"] * x["steps"] for x in s) / total("steps"),
+                tokens_per_s=sum(tokens) / sum(t / x["tokens_per_s"] for t, x in zip(tokens, s)),
+                peak_memory_gb=max(x["peak_memory_gb"] for x in s))
+    return [dataclasses.replace(g, stats=dict(both, prompt_tokens=g.stats["prompt_tokens"])) for run in runs for g in run]
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # process peak RSS (KiB on Linux)
-
-
-class Progress:
-    # Counts steps as the host enqueues them, so it never waits for the GPU.
-    def __init__(self, total: int):
-        self.total, self.shown, self.active = total, -1, total >= 64 and sys.stderr.isatty()
-
-    def update(self, done: int):
-        pct = 100 * done // self.total
-        if self.active and pct != self.shown:
-            self.shown = pct
-            sys.stderr.write(f"\rdecoding {done}/{self.total} steps ({pct}%)")
-            sys.stderr.flush()
-
-    def close(self):
-        if self.active:
-            sys.stderr.write("\r" + " " * 40 + "\r")
 
 
 def complete(model: Transformer, tokenizer: Optional[Tokenizer], prompt, num_samples: int = 1,
@@ -243,6 +225,7 @@ def complete_many(model: Transformer, tokenizer: Optional[Tokenizer], prompts: l
     check_stop_texts(stop)
     if stop and tokenizer is None:
         raise ValueError("stop texts need a tokenizer, and this checkpoint has none")
+
     def encode(text, bos: bool) -> list[int]:
         if not isinstance(text, str) or not text:
             return list(text)
@@ -258,9 +241,18 @@ def complete_many(model: Transformer, tokenizer: Optional[Tokenizer], prompts: l
     # a sample's text: decoded after its prompt's last 8 tokens, which set its first space right, then
     # their text cut off (the whole prompt, decoded again for every sample, took 0.9 ms at 8K tokens)
     heads = [(prefix_ids + ids)[-8:] for ids in prompt_ids]
-    if stop:
-        kwargs["stop_at"] = lambda p, ids: tokenizer.stop_at(heads[p], ids, stop)
-    gens = generate_many(model, prompt_ids, prefix_ids, num_samples, eos_ids=eos_ids, vocab_size=vocab_size, **kwargs)
+
+    def run(group: Sequence[int]) -> list[Generation]:
+        stop_at = (lambda q, ids: tokenizer.stop_at(heads[group[q]], ids, stop)) if stop else None
+        return generate_many(model, [prompt_ids[p] for p in group], prefix_ids, num_samples, eos_ids=eos_ids,
+                             vocab_size=vocab_size, stop_at=stop_at, **kwargs)
+
+    try:
+        gens = run(range(len(prompt_ids)))
+    except DoesNotFit as e:  # too many prompts at once: groups that fit, one run each, the same samples
+        if not e.groups:
+            raise
+        gens = joined([run(g) for g in e.groups], num_samples, len(prefix_ids))
 
     def text(p: int, toks: list[int], reason: str) -> Optional[str]:
         if tokenizer is None:
@@ -402,7 +394,8 @@ def report(records: list[dict], stats: dict, setup: str, compile: bool):
     print(f"{setup}, seed {stats['seed']}")
     if "num_prompts" in stats:
         print(f"{stats['num_prompts']} prompts after a shared prefix of {stats['prefix_tokens']} tokens (longest "
-              f"{stats['prompt_tokens']} tokens in all), {stats['num_samples']} samples each x {stats['steps']} steps")
+              f"{stats['prompt_tokens']} tokens in all), {stats['num_samples']} samples each x {stats['steps']} steps"
+              + (f", in {stats['groups']} groups of prompts that fit in memory" if "groups" in stats else ""))
     else:
         print(f"prompt {stats['prompt_tokens']} tokens, {stats['num_samples']} samples x {stats['steps']} steps")
     print(f"prefill {stats['prefill_ms']:.1f} ms | decode {stats['decode_ms_per_step']:.2f} ms/step | "

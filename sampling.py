@@ -1,12 +1,13 @@
 # Sampling the next token of every row from its logits, on the device and without a host sync, so
 # that it runs inside the compiled, CUDA-graphed decode step: temperature, top-k, top-p, then
 # Gumbel-max; greedy at temperature 0. next_tokens is the step's tail: the final norm, the head, a
-# draw and its log-prob.
+# draw and its log-prob. check_sampling_args: a run's settings, checked before anything loads.
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from bifurcated import CACHES
 from model import Transformer
 
 
@@ -50,3 +51,19 @@ def next_tokens(model: Transformer, x: Tensor, temperature: float, top_k: Option
     nxt = sample_tokens(logits, temperature, top_k, top_p, groups)
     logprob = logits.gather(-1, nxt[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # (n,): log_softmax's, at nxt
     return nxt, logprob
+
+
+def check_sampling_args(num_samples: int, max_new_tokens: int, temperature: float, top_k: Optional[int],
+                        top_p: float, attention: str):
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if attention not in CACHES:
+        raise ValueError(f"unknown attention {attention!r}; known: {', '.join(CACHES)}")

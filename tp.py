@@ -10,6 +10,7 @@
 import dataclasses
 import os
 import sys
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -110,6 +111,15 @@ def same_on_all_ranks(value: int) -> int:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def smallest_on_all_ranks(value: Optional[int]) -> Optional[int]:
+    """The smallest of the ranks' values, everywhere (free memory: all ranks must make one plan)."""
+    if not dist.is_initialized() or value is None:
+        return value
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return min(values)
 
 
 def exit_distributed():

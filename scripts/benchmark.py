@@ -30,6 +30,7 @@ import torch.nn as nn
 
 import generate
 import quantize
+import sampling
 import tp
 from model import ModelArgs
 
@@ -358,7 +359,7 @@ def main(models: list[str], contexts: list[int], samples: list[int], attention: 
         ModelArgs.from_name(name)  # an unknown name fails here, before an hour of measuring
     for n in samples:
         for mode in attention:
-            generate.check_sampling_args(n, max_new_tokens, 0.8, None, 1.0, mode)
+            sampling.check_sampling_args(n, max_new_tokens, 0.8, None, 1.0, mode)
     if min(contexts) < 1 or repeats < 1:
         raise ValueError("contexts and repeats must be at least 1")
     if not re.fullmatch(r"[\w.-]+", tag):

@@ -21,6 +21,7 @@ import torch
 
 import checkpoint
 import generate
+import sampling
 
 SPLIT_FILE = "split.json"
 
@@ -114,7 +115,7 @@ def rate(parsed: int, total: int) -> str:
 
 def main(checkpoint_path: str, num_signatures: int, num_samples: int, temperature: float, max_new_tokens: int,
          top: int, seed: int, device: Optional[str], output: Optional[str]):
-    generate.check_sampling_args(num_samples, max_new_tokens, temperature, None, 1.0, "bifurcated")
+    sampling.check_sampling_args(num_samples, max_new_tokens, temperature, None, 1.0, "bifurcated")
     if num_signatures < 1:
         raise ValueError(f"num_signatures must be at least 1, got {num_signatures}")
     if not 1 <= top <= num_samples:

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bifurcated import prefix_attention
+import generate as generate_module
+from bifurcated import DoesNotFit, plan_memory, prefix_attention, prompt_groups
 from generate import DEFAULT_CHECKPOINT, complete_many, generate, generate_many, load_model
+from model import ModelArgs
 from test_cli import assert_one_line_error
 from test_generate import CONFIGS, prompt_ids, tiny_model
 
@@ -119,3 +121,47 @@ def test_cli_prompt_file_and_shared_prefix(tmp_path, kind):
 def test_cli_bad_prompt_files(tmp_path, name, content, args, expected):
     (tmp_path / name).write_text(content)
     assert_one_line_error(run_cli(f"--prompt_file={tmp_path / name}", *args), expected)
+
+
+def test_prompt_groups_fit_and_are_as_large_as_fit():
+    cfg, n, Mp, T, dtype = ModelArgs.from_name("Llama-2-7B"), 32, 4096, 128, torch.bfloat16
+    lens = [512, 300, 700, 512, 100, 900, 50, 64]
+
+    def need(group: list[int]) -> int:  # beside the weights, each prompt's level padded to the longest
+        plan = plan_memory(cfg, "bifurcated", len(group) * n, Mp + len(group) * max(group), T, dtype)
+        return plan["total"] - plan["weights"]
+
+    assert prompt_groups(cfg, n, Mp, lens, T, dtype, need(lens)) == [range(len(lens))]
+    free = need(lens[:3])
+    groups = prompt_groups(cfg, n, Mp, lens, T, dtype, free)
+    assert [p for g in groups for p in g] == list(range(len(lens))) and len(groups) > 2
+    for g, after in zip(groups, groups[1:] + [None]):
+        assert need([lens[p] for p in g]) <= free
+        if after is not None:  # one prompt more would not fit
+            assert need([lens[p] for p in g] + [lens[after[0]]]) > free
+
+
+def test_prompts_in_groups_that_fit_as_all_at_once(monkeypatch):
+    # more prompts than fit at once: consecutive groups that fit, one run each; every prompt's samples
+    # (tokens, texts, stops, log-probs) as in one run of them all, the stats over all the runs
+    model, tok = load_model(str(DEFAULT_CHECKPOINT), "cpu", torch.float32)
+    prefix, prompts = "import os\n", ["def f(x):\n    ", "class A:", "def g():\n    return", "x = 1\n", "if x:\n"]
+    kw = dict(num_samples=3, max_new_tokens=20, seed=4, stop=["\n\n"])
+    together, stats = complete_many(model, tok, prompts, prefix, **kw)
+    assert "groups" not in stats
+    prefix_ids, lens = tok.encode(prefix), [len(tok.encode(p, bos=False)) for p in prompts]
+    plan = plan_memory(model.config, "bifurcated", 2 * 3, len(prefix_ids) + 2 * max(lens), 20, torch.float32)
+    monkeypatch.setattr(generate_module, "free_memory", lambda device: plan["total"] - plan["weights"])
+    groups = prompt_groups(model.config, 3, len(prefix_ids), lens, 20, torch.float32, plan["total"] - plan["weights"])
+    assert 2 < len(groups) < len(prompts)
+    model.last_run = None  # as in a fresh process: not the run of the same sizes above, which was let in
+    with pytest.raises(DoesNotFit, match="does not fit") as e:
+        generate_many(model, [tok.encode(p, bos=False) for p in prompts], prefix_ids, num_samples=3,
+                      max_new_tokens=20)
+    assert e.value.groups == groups
+    grouped, grouped_stats = complete_many(model, tok, prompts, prefix, **kw)
+    assert grouped_stats["groups"] == len(groups) and grouped_stats["num_prompts"] == len(prompts)
+    assert grouped_stats["prefix_tokens"] == len(prefix_ids) and grouped_stats["tokens_per_s"] > 0
+    for a, b in zip(together, grouped, strict=True):
+        assert a["mean_logprob"] == pytest.approx(b["mean_logprob"], abs=1e-5)
+        assert {**a, "mean_logprob": 0} == {**b, "mean_logprob": 0}

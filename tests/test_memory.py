@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from bifurcated import check_memory, plan_memory
+from bifurcated import check_memory, free_memory, plan_memory
 from model import ModelArgs, Transformer
 
 
@@ -29,12 +29,16 @@ def fake_gpu(monkeypatch, free_bytes: int):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
 
 
-def test_does_not_fit_names_the_largest_n(monkeypatch):
+def test_free_memory(monkeypatch):
+    fake_gpu(monkeypatch, 60 * 10**9)
+    assert free_memory("cuda") == 60 * 10**9 and free_memory(torch.device("cpu")) is None
+
+
+def test_does_not_fit_names_the_largest_n():
     cfg, free = ModelArgs.from_name("Llama-2-7B"), 60 * 10**9  # beside the weights, as on an 80 GB GPU
-    fake_gpu(monkeypatch, free)
-    check_memory(cfg, "bifurcated", 32, 8192, 128, torch.bfloat16, "cuda")  # fits: no error
+    check_memory(cfg, "bifurcated", 32, 8192, 128, torch.bfloat16, free)  # fits: no error
     with pytest.raises(ValueError, match="does not fit") as e:
-        check_memory(cfg, "standard", 32, 8192, 128, torch.bfloat16, "cuda")
+        check_memory(cfg, "standard", 32, 8192, 128, torch.bfloat16, free)
     msg = str(e.value)
     assert "\n" not in msg and "context cache 137.4" in msg
     fit = int(re.search(r"at most (\d+) samples fit", msg).group(1))
@@ -42,7 +46,6 @@ def test_does_not_fit_names_the_largest_n(monkeypatch):
     assert need(fit) <= free < need(fit + 1)
 
 
-def test_not_even_one_sample(monkeypatch):
-    fake_gpu(monkeypatch, 10**9)
+def test_not_even_one_sample():
     with pytest.raises(ValueError, match="not even one sample fits"):
-        check_memory(ModelArgs.from_name("Llama-2-7B"), "bifurcated", 1, 32768, 128, torch.bfloat16, "cuda")
+        check_memory(ModelArgs.from_name("Llama-2-7B"), "bifurcated", 1, 32768, 128, torch.bfloat16, 10**9)
