@@ -217,6 +217,19 @@ def test_compiled_step_matches_eager():
     assert runs[0] == runs[1]
 
 
+def test_compiled_runs_of_more_sizes_than_the_recompile_limit():
+    # each new size compiles and records the step again, dropping what earlier sizes compiled: past
+    # dynamo's recompile limit the runs go on, the same as eager
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
+    kw = dict(num_samples=4, max_new_tokens=12, temperature=0.0)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for m in (40, 41, 42, 43):
+            prompt = torch.randint(0, 512, (m,)).tolist()
+            assert generate(model, prompt, compile=True, **kw).tokens == generate(model, prompt, **kw).tokens
+
+
 def test_side_stream_attention_compiled_matches_eager(monkeypatch):
     # MHA with 512 samples: the own slots on a second stream beside the context launch (an opaque op),
     # inside the compiled, CUDA-graphed step; eager, and the same samples as with one stream
