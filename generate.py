@@ -7,6 +7,7 @@
 import argparse
 import dataclasses
 import functools
+import gc
 import json
 import os
 import resource
@@ -96,6 +97,8 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
     if not (last and last[0] == key and all(l.attention.kv_cache is c for l, c in zip(model.layers, last[1]))):
         model.last_run = None
         model.setup(M + T)  # drop an earlier run's caches before planning and allocating new ones
+        if device.type == "cuda":
+            gc.collect()  # and its compiled step and CUDA graphs, held in reference cycles, before measuring
         free = tp.smallest_on_all_ranks(free_memory(device))  # None on a CPU; all ranks make one plan
         groups = prompt_groups(cfg, n, Mp, lens, T, dtype, free) if Np > 1 and free is not None else []
         if len(groups) > 1:  # complete_many runs such groups one after another
