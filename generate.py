@@ -127,14 +127,16 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
         stop = stop_at(r // n, row[:end]) if stop_at else None
         return (stop, "stop") if stop is not None else (end, "eos" if end < len(row) else "length")
 
-    running = set(range(B))  # rows that have not hit an EOS token or a stop text yet
+    ended = {}  # row -> its ending, once it has hit an EOS token or a stop text (the same in any longer row)
 
     def all_done(cols: int) -> bool:  # syncs with the device
         if stop_at is None:
             return bool(torch.isin(loop.out[:, :cols], eos).any(1).all())
         rows = loop.out[:, :cols].tolist()
-        running.difference_update([r for r in running if ending(r, rows[r])[1] != "length"])
-        return not running
+        for r in set(range(B)) - ended.keys():
+            if (end := ending(r, rows[r]))[1] != "length":
+                ended[r] = end
+        return len(ended) == B
 
     sync(device)
     t0 = time.perf_counter()
@@ -178,7 +180,7 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
     ids, lps = loop.out[:, : steps + 1].tolist(), loop.logprobs[:, : steps + 1].tolist()
     tokens, means, reasons = [], [], []
     for r, (row, lp) in enumerate(zip(ids, lps)):
-        end, reason = ending(r, row)
+        end, reason = ended.get(r) or ending(r, row)
         tokens.append(row[:end])
         kept = lp[: end + 1] if reason == "eos" else lp[:end]  # the EOS token's log-prob counts too
         means.append(sum(kept) / len(kept))

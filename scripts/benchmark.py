@@ -32,6 +32,7 @@ import generate
 import quantize
 import sampling
 import tp
+from bifurcated import DoesNotFit
 from model import ModelArgs
 
 QUANT_GROUPSIZE = {"int4": 128}
@@ -135,9 +136,7 @@ def timed_runs(row: dict, model, compile: bool, repeats: int, run) -> list[dict]
     try:
         for _ in range(repeats):
             runs.append(run().stats)
-    except ValueError as e:
-        if not str(e).startswith("does not fit"):
-            raise
+    except DoesNotFit:  # the memory planner's prediction, before anything is allocated
         row.update(oom=True)
     except torch.OutOfMemoryError:  # the plan said it fits, the allocator disagreed
         row.update(oom=True, crashed=True)

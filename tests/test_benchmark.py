@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import generate
+from bifurcated import DoesNotFit
 from model import ModelArgs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -147,7 +148,7 @@ def test_does_not_fit_is_recorded_and_the_sweep_goes_on(tmp_path, plan_calls, mo
 
     def fake(model, prompt_ids, num_samples, attention, **kwargs):
         if attention == "standard" and num_samples == 3:
-            raise ValueError("does not fit: predicted 3.0 GB, 1.0 GB free")
+            raise DoesNotFit("does not fit: predicted 3.0 GB, 1.0 GB free")
         if attention == "standard" and len(prompt_ids) == 100:
             raise torch.OutOfMemoryError("CUDA out of memory")
         return real(model, prompt_ids, num_samples, attention=attention, **kwargs)

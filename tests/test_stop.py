@@ -2,9 +2,6 @@
 # (same seed): the same tokens up to the stop, the text cut before it; where a tokenizer finds the
 # first token that completes it; several prompts as each alone; the CLI's escapes and errors.
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +9,9 @@ import torch
 import tok_fixtures
 from checkpoint import DEFAULT_CHECKPOINT, load_model
 from generate import complete, complete_many, unescape
+from test_cli import assert_one_line_error, run_cli
 from tokenizer import load_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "def fibonacci(n):\n    "
 
 
@@ -93,14 +90,9 @@ def test_unescape():
         unescape("\\x")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "generate.py", "--device=cpu", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-
-
 def test_cli_stop(tmp_path):
     out = tmp_path / "out.jsonl"
-    proc = run_cli(f"--prompt={PROMPT}", "--num_samples=4", "--max_new_tokens=32", "--seed=0", "--stop", r"\n",
+    proc = run_cli("--device=cpu", f"--prompt={PROMPT}", "--num_samples=4", "--max_new_tokens=32", "--seed=0", "--stop", r"\n",
                    "return", f"--output={out}")
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -115,7 +107,4 @@ def test_cli_stop(tmp_path):
     (["--checkpoint_path=synthetic:tiny-gqa", "--prompt_len=4", "--stop=a"], "need a tokenizer"),
 ])
 def test_cli_bad_stop_texts(args, expected):
-    proc = run_cli("--max_new_tokens=2", *args)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    assert_one_line_error(run_cli("--device=cpu", "--max_new_tokens=2", *args), expected)
