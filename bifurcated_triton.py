@@ -18,6 +18,7 @@
 # Dimension letters: n samples, M context length, T decode capacity, H query heads, Hkv KV heads,
 # g = H / Hkv, D head dim, R = n g query rows per KV head, P context splits.
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -318,6 +319,20 @@ class Tiles:
     wide_rows: Optional[int] = 256
     stages: int = 3  # software-pipelining depth of the key/value loads
     warps: Optional[int] = None  # None: 8 for 128-row tiles, else 4
+    # from 32 to 64 rows per KV head (MHA n = 32, 64; GQA n = 8, 16): one wave of longer splits, fewer
+    # partials to write and merge, with 128 keys a step where a split has 2048 keys or more (one layer,
+    # 8K, H200: MHA n = 32 52.9 -> 49.6 us, n = 64 68.0 -> 56.8; GQA n = 16 20.8 -> 17.8;
+    # bench/results/h200/attention-mid-rows.md)
+    mid_rows: Optional[tuple[int, int]] = (32, 64)
+
+
+def rows_tiles(R: int, M: int, n_kv_heads: int, n_sm: int, tiles: Tiles) -> Tiles:
+    """The tiles for R query rows per KV head and M keys: `tiles`, or in tiles.mid_rows one wave."""
+    if tiles.mid_rows is None or not tiles.mid_rows[0] <= R <= tiles.mid_rows[1]:
+        return tiles
+    one_wave = dataclasses.replace(tiles, waves=1, mid_rows=None)
+    chunk = context_plan(R, M, n_kv_heads, n_sm, one_wave)[2]
+    return dataclasses.replace(one_wave, block_n=128) if chunk >= 2048 else one_wave
 
 
 def context_plan(R: int, M: int, n_kv_heads: int, n_sm: int, tiles: Tiles = Tiles()) -> tuple[int, int, int]:
@@ -338,6 +353,7 @@ def run_decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor,
     q = q.contiguous()  # a transposed (n, 1, H, D): free, since S = 1
     n, H, _, D = q.shape
     Hkv, M, _ = k_ctx.shape
+    tiles = rows_tiles(n * H // Hkv, M, Hkv, num_sms(q), tiles)
     ctx = Level(k_ctx, v_ctx, None, context_plan(n * H // Hkv, M, Hkv, num_sms(q), tiles))
     return attend_levels(q, [ctx], k_dec, v_dec, slot, start, tiles, side)
 
@@ -357,6 +373,7 @@ def run_rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor
     # launch: one kernel less a step
     n, _, H, D = q.shape  # q (n, 1, H, D), k, v (n, 1, Hkv, D): views of the qkv product, before RoPE
     Hkv, M, _ = k_ctx.shape
+    tiles = rows_tiles(n * H // Hkv, M, Hkv, num_sms(q), tiles)
     ctx = Level(k_ctx, v_ctx, None, context_plan(n * H // Hkv, M, Hkv, num_sms(q), tiles))
     qt = q.transpose(1, 2)  # (n, H, 1, D): row i at i q.stride(0), its heads D apart
     if (n * Hkv > ROPE_PROGRAMS or own_plan(qt, [ctx], k_dec, tiles) is None or qt.stride(1) != D or k.stride(2) != D

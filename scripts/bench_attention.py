@@ -27,7 +27,7 @@ from bifurcated import bifurcated_attention
 from bifurcated_triton import Tiles, context_partials, context_plan, run_decode_attention
 
 T = 128  # decode capacity
-SWEEP = [Tiles(max_rows=r, block_n=b, waves=w, stages=s, wide_rows=None)
+SWEEP = [Tiles(max_rows=r, block_n=b, waves=w, stages=s, wide_rows=None, mid_rows=None)
          for r, b, w, s in itertools.product((64, 128), (32, 64, 128), (1, 2, 4), (3, 4))]
 
 

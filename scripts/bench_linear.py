@@ -36,11 +36,13 @@ SWEEP = [Tiles(block_n=n, block_k=k, waves=w, stages=s, warps=nw)
          for n, k, w, s, nw in [(16, 256, 2, 4, 4), (16, 512, 2, 3, 4), (32, 256, 2, 4, 4), (32, 256, 2, 3, 4),
                                 (32, 128, 4, 4, 4), (32, 128, 1, 6, 4), (32, 128, 2, 6, 4), (32, 512, 2, 3, 8),
                                 (64, 128, 2, 4, 4), (64, 128, 1, 5, 4), (64, 256, 2, 3, 8), (64, 64, 2, 6, 4),
-                                (128, 64, 2, 4, 4), (128, 128, 2, 3, 8), (16, 128, 2, 6, 2), (32, 128, 3, 4, 4)]]
+                                (128, 64, 2, 4, 4), (128, 128, 2, 3, 8), (16, 128, 2, 6, 2), (32, 128, 3, 4, 4),
+                                (64, 128, 1, 3, 4), (64, 128, 1, 4, 4), (128, 64, 1, 4, 8)]]  # 32+ rows
 # narrow layers (N = 4096) in one wave without splits of K: 128 or 256 programs, each streaming whole rows
 SWEEP += [Tiles(block_n=n, block_k=k, splits=p, stages=s, warps=nw)
           for n, k, p, s, nw in [(32, 256, 1, 6, 4), (32, 128, 1, 8, 4), (32, 256, 1, 4, 8), (32, 512, 1, 3, 8),
-                                 (16, 256, 1, 6, 4), (16, 512, 1, 4, 4), (64, 128, 2, 5, 4), (64, 256, 2, 3, 8)]]
+                                 (16, 256, 1, 6, 4), (16, 512, 1, 4, 4), (64, 128, 2, 5, 4), (64, 256, 2, 3, 8),
+                                 (64, 128, 1, 4, 4)]]
 
 
 def time_us(fn, sets: list[tuple]) -> float:
@@ -68,6 +70,7 @@ def plain_int8(x, w, s):  # quantize.Int8Linear's eager path
 
 def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool, output: str | None):
     bw = read_bandwidth()
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}: read {bw / 1e9:.0f} GB/s")
     print("| layer | N | K | M | path | tiles | us | GB/s | % of read bandwidth |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -90,7 +93,8 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
             expected["torch int4"] = expected["int4"]
             for kind in ("bf16", "int8", "int4"):
                 kinds[kind + " swiglu"], expected[kind + " swiglu"] = kinds[kind], swiglu(expected[kind])
-            tiles = lambda kind: [default_tiles(kind, N)] + [t for t in SWEEP if sweep and t != default_tiles(kind, N)]
+            default = lambda kind: default_tiles(kind, N, max(16, triton.next_power_of_2(M)), n_sm)
+            tiles = lambda kind: [default(kind)] + [t for t in SWEEP if sweep and t != default(kind)]
             paths = ([("cublas", "bf16", cublas, None), ("plain int8", "int8", plain_int8, None),
                       ("torch int4", "torch int4", lambda x, mm: mm(x), None)]
                      + [(f"triton {kind}", kind, lambda *a, t=t: run_linear(*a, tiles=t), t) for kind in ("bf16", "int8")
@@ -98,10 +102,10 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
                      + [("triton int4", "int4", lambda *a, t=t: run_linear(*a, tiles=t, group=INT4_GROUP), t)
                         for t in (tiles("int4") if "int4" in weights else [])]
                      + [(f"triton {kind} swiglu", f"{kind} swiglu", lambda *a, k=kind: run_linear(
-                         *a, group=INT4_GROUP if k == "int4" else 0, swiglu=True), default_tiles(kind, N))
+                         *a, group=INT4_GROUP if k == "int4" else 0, swiglu=True), default(kind))
                         for kind in weights if name == "w13"]
                      + ([("triton bf16 residual", "bf16 residual", lambda x, w, s: run_linear(x, w, s, residual=res),
-                          default_tiles("bf16", N))] if "bf16" in weights and name in ("wo", "w2") else []))
+                          default("bf16"))] if "bf16" in weights and name in ("wo", "w2") else []))
             res = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)  # (M, N)
             kinds["bf16 residual"], expected["bf16 residual"] = kinds["bf16"], expected["bf16"] + res.float()
             for path, kind, fn, t in paths:

@@ -25,7 +25,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("fast", [False, True], ids=["reference", "triton"])
 @pytest.mark.parametrize("Hkv", [32, 8, 1])
-@pytest.mark.parametrize("n", [1, 7, 64, 512])
+@pytest.mark.parametrize("n", [1, 7, 8, 32, 64, 512])  # 8 (GQA), 32 and 64 (MHA): rows_tiles' one wave
 @pytest.mark.parametrize("M,slot", [(1000, 0), (4097, 37), (8191, 127)])
 def test_bifurcated_attention_bf16(fast, Hkv, n, M, slot):
     # contexts that are not multiples of any block size; the first and the last decode slot
@@ -291,7 +291,7 @@ def test_prefill_graph_of_kernels_matches_eager():
 @pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("M", [1, 7, 32, 64, 65])  # 65: above the kernel's rows, cuBLAS takes it
-@pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 11008), (136, 96)])
+@pytest.mark.parametrize("N,K", [(12288, 4096), (22016, 4096), (4096, 11008), (136, 96)])
 def test_linear_kernel(kind, M, N, K, swiglu):
     linear_triton = pytest.importorskip("linear_triton")
     g = torch.Generator("cuda").manual_seed(M * N + K)
