@@ -6,11 +6,14 @@
 # once as a CUDA graph and replayed: no launch overhead, no host sync. A short prompt's prefill runs
 # eagerly, then as a CUDA graph too (prefill_step).
 import functools
+import hashlib
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from model import Transformer
 
@@ -30,13 +33,36 @@ def decode_step(model: Transformer, tail: Callable, compile: bool) -> Callable:
         # stopped. A run keeps one set of shapes (generate_many), so a new one drops the others.
         for f in (run_layer, DecodeLoop.record):
             torch._dynamo.eval_frame.remove_from_cache(f)
-        layer = torch.compile(run_layer, fullgraph=True, dynamic=False)
-        tail = torch.compile(tail, fullgraph=True, dynamic=False)
+        layer, tail = compile_graph(run_layer), compile_graph(tail)
 
     def step(tokens: Tensor, input_pos: Tensor) -> tuple[Tensor, ...]:
         return tail(model, model.hidden(tokens, input_pos, layer))
 
     return step
+
+
+class SourcesInKey(CustomGraphPass):
+    """A graph pass that changes nothing; its uuid, a hash of the project's files, goes into the key of
+    Inductor's on-disk cache. That key holds the traced graph, not the Python inside the custom ops
+    (linear_triton, bifurcated_triton: their tiles and launch plans), so after an edit of those a
+    cached step would run the kernels from before it (seen on an H200: tiles-ab.md)."""
+    files = tuple(sorted(Path(__file__).resolve().parent.glob("*.py")))
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        pass
+
+    def uuid(self) -> str:
+        digest = hashlib.sha256()
+        for f in self.files:
+            digest.update(f.read_bytes())
+        return digest.hexdigest()
+
+
+SOURCES_IN_KEY = SourcesInKey()  # one object: dynamo takes a backend with other options as another backend
+
+
+def compile_graph(fn: Callable) -> Callable:
+    return torch.compile(fn, fullgraph=True, dynamic=False, options={"post_grad_custom_post_pass": SOURCES_IN_KEY})
 
 
 class DecodeLoop:

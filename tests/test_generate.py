@@ -214,3 +214,29 @@ def test_compiled_step_is_one_graph_for_all_layers():
                                                            compile=c, **kw)]):
         assert run(False) == run(True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4  # 2 for one prompt, 2 for several
+
+
+def test_compiled_step_is_compiled_again_after_an_edit_of_the_sources(tmp_path, monkeypatch):
+    # Inductor's on-disk cache is keyed on the traced graph, which does not hold the Python inside the
+    # custom ops (the kernels' tiles): compiled.compile_graph puts the project's files into the key, so
+    # the same sources hit the cache and an edited one compiles again
+    import compiled
+    from torch._dynamo.utils import counters
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    source = tmp_path / "kernels.py"
+    source.write_text("TILES = 64\n")
+    monkeypatch.setattr(compiled.SourcesInKey, "files", (source,))
+    x = torch.randn(8, 16)
+
+    def hits_and_misses():
+        torch.compiler.reset()
+        counters.clear()
+        with torch._inductor.config.patch(fx_graph_cache=True):
+            compiled.compile_graph(lambda x: torch.tanh(x) * 3 + x.sum(-1, keepdim=True))(x)
+        return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+    assert hits_and_misses() == (0, 1)
+    assert hits_and_misses() == (1, 0)
+    source.write_text("TILES = 128\n")
+    assert hits_and_misses() == (0, 1)
+    assert hits_and_misses() == (1, 0)
