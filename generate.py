@@ -58,12 +58,12 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
                   top_k: Optional[int] = None, top_p: float = 1.0, eos_ids: Sequence[int] = (),
                   attention: str = "bifurcated", compile: bool = False, seed: Optional[int] = None,
                   progress: bool = False, vocab_size: Optional[int] = None,
-                  stop_at: Optional[Callable[[int, list[int]], Optional[int]]] = None) -> list[Generation]:
+                  stop_at: Optional[Callable[[int, list[int], int], Optional[int]]] = None) -> list[Generation]:
     """n samples of each prompt (token ids), each placed after the shared prefix: one Generation per
     prompt, the same samples it would get alone (prefix + prompt, same seed). Several prompts use
     three cache levels (bifurcated.PrefixCache); one runs prefix + prompt as its context.
     vocab_size: sample only ids below it (a tokenizer smaller than the model's padded embedding).
-    stop_at(p, ids): how many of ids, a sample of prompt p, end at a stop text (finish_reason stop), or None."""
+    stop_at(p, ids, since): how many of ids (of prompt p) end at a stop text, or None (Tokenizer.stop_at)."""
     check_sampling_args(num_samples, max_new_tokens, temperature, top_k, top_p, attention)
     prefix, prompts = list(prefix_ids), [list(p) for p in prompts]
     if not prompts:
@@ -121,21 +121,24 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
     eos_set = set(eos_ids)
     eos = torch.tensor(sorted(eos_set), dtype=torch.long, device=device)
 
-    def ending(r: int, row: list[int]) -> tuple[int, str]:
-        # row r's generated ids -> how many of them it keeps (without an EOS token), and why it ended
+    def ending(r: int, row: list[int], since: int = 0) -> tuple[int, str]:
+        # row r's generated ids -> how many of them it keeps (without an EOS token), and why it ended;
+        # since: the text of row[:since] held no stop text (stop_at's first look)
         end = next((j for j, t in enumerate(row) if t in eos_set), len(row))  # ids after an EOS are not its
-        stop = stop_at(r // n, row[:end]) if stop_at else None
+        stop = stop_at(r // n, row[:end], since) if stop_at else None
         return (stop, "stop") if stop is not None else (end, "eos" if end < len(row) else "length")
 
     ended = {}  # row -> its ending, once it has hit an EOS token or a stop text (the same in any longer row)
+    checked = [0]  # the columns seen at the last check
 
     def all_done(cols: int) -> bool:  # syncs with the device
         if stop_at is None:
             return bool(torch.isin(loop.out[:, :cols], eos).any(1).all())
-        rows = loop.out[:, :cols].tolist()
+        rows, (since,) = loop.out[:, :cols].tolist(), checked
         for r in set(range(B)) - ended.keys():
-            if (end := ending(r, rows[r]))[1] != "length":
+            if (end := ending(r, rows[r], since))[1] != "length":
                 ended[r] = end
+        checked[0] = cols
         return len(ended) == B
 
     sync(device)
@@ -248,7 +251,7 @@ def complete_many(model: Transformer, tokenizer: Optional[Tokenizer], prompts: l
     heads = [(prefix_ids + ids)[-8:] for ids in prompt_ids]
 
     def run(group: Sequence[int]) -> list[Generation]:
-        stop_at = (lambda q, ids: tokenizer.stop_at(heads[group[q]], ids, stop)) if stop else None
+        stop_at = (lambda q, ids, since: tokenizer.stop_at(heads[group[q]], ids, stop, since)) if stop else None
         return generate_many(model, [prompt_ids[p] for p in group], prefix_ids, num_samples, eos_ids=eos_ids,
                              vocab_size=vocab_size, stop_at=stop_at, **kwargs)
 

@@ -57,14 +57,20 @@ class Tokenizer:
         head, full = self.decode(prompt_ids), self.decode(prompt_ids + ids)
         return full[len(head) :] if full.startswith(head) else self.decode(ids)
 
-    def stop_at(self, prompt_ids: list[int], ids: list[int], stop: Sequence[str]) -> Optional[int]:
+    def stop_at(self, prompt_ids: list[int], ids: list[int], stop: Sequence[str], since: int = 0) -> Optional[int]:
         """How many of ids, the continuation of prompt_ids, it takes for their text to hold one of
-        the stop texts; None where it holds none."""
-        def found(k: int) -> bool:
-            text = self.continuation(prompt_ids, ids[:k])
+        the stop texts; None where it holds none. since: the text of ids[:since] was seen to hold none,
+        so a stop text can only end after it: the first look decodes only the ids from a margin before
+        `since` on (each id adds a byte at least), not the whole row again at every check. A number is
+        exact; a None with since > 0 is a look, not the last word (a text that decodes otherwise in a
+        window, as a sentencepiece space can, may be found later, with since 0)."""
+        def found(k: int, start: int = 0) -> bool:
+            head = (prompt_ids + ids[:start])[-8:] if start else prompt_ids
+            text = self.continuation(head, ids[start:k])
             return any(s in text for s in stop)
 
-        if not found(len(ids)):
+        start = max(0, since - max(len(s.encode()) for s in stop) - 4)
+        if not found(len(ids), start):
             return None
         lo, hi = 0, len(ids)  # the text of ids[:hi] holds a stop text and that of ids[:lo] none; the
         while hi - lo > 1:  # text only grows with ids, so halving the range finds the first that does

@@ -25,13 +25,29 @@ def test_tokenizer_finds_the_token_that_completes_a_stop_text(kind, tmp_path):
     make = tok_fixtures.make_sentencepiece if kind == "sp" else tok_fixtures.make_tiktoken
     tok = load_tokenizer(make(tmp_path))
     prompt = tok.encode("for i in range(10):")
-    ids = tok.encode("\n    print(i, i * 2)\nclass Attention(nn.Module):\n", bos=False)
-    for stop in (["print"], ["\nclass", "* 2"], [")\n"], ["i"]):
+    ids = tok.encode("\n    print(i, i * 2)  # café ☕\nclass Attention(nn.Module):\n", bos=False)
+    for stop in (["print"], ["\nclass", "* 2"], [")  #"], ["i"], ["é"], ["☕\nc"]):  # bytes of one character apart
         k = tok.stop_at(prompt, ids, stop)
         assert any(s in tok.continuation(prompt, ids[:k]) for s in stop)
         assert not any(s in tok.continuation(prompt, ids[: k - 1]) for s in stop)
+        for since in range(k):  # ids[:since] hold none: a look from near `since` on finds the same token
+            assert tok.stop_at(prompt, ids, stop, since) == k
     assert tok.stop_at(prompt, ids, ["while"]) is None
     assert tok.stop_at(prompt, [], ["i"]) is None
+
+
+@pytest.mark.parametrize("kind", ["sp", "tt"])
+def test_a_later_look_for_stop_texts_decodes_only_the_new_ids(kind, tmp_path, monkeypatch):
+    # at each check of a long sample, the text from the last check on: not the whole row again
+    tok = load_tokenizer((tok_fixtures.make_sentencepiece if kind == "sp" else tok_fixtures.make_tiktoken)(tmp_path))
+    ids = tok.encode("x = [i * 2 for i in range(10)]\n" * 40, bos=False)
+    decoded = []
+    decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda xs: decoded.append(len(xs)) or decode(xs))
+    assert tok.stop_at(ids[:8], ids, ["while"], since=len(ids) - 16) is None
+    assert len(ids) > 400 and max(decoded) <= 8 + 16 + len("while") + 4
+    decoded.clear()
+    assert tok.stop_at(ids[:8], ids, ["while"]) is None and max(decoded) == 8 + len(ids)  # since 0: all of it
 
 
 def mean_logprob(model, vocab_size: int, prompt: list[int], tokens: list[int]) -> float:
