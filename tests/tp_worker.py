@@ -10,7 +10,8 @@ from test_generate import CONFIGS, prompt_ids, step_logits, tiny_model
 
 
 def run_all(rank: int = 0, world: int = 1) -> dict:
-    results = {}
+    # each rank's free memory differs and all must plan with the smallest: rank 0's is the largest here
+    results = {"smallest free": tp.smallest_on_all_ranks(10 + world - 1 - rank)}
     prompt = prompt_ids(29)
     tokens = torch.randint(0, 512, (4, 10), generator=torch.Generator().manual_seed(3))
     for name in CONFIGS:
