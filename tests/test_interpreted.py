@@ -91,6 +91,13 @@ for M, N, K in [(3, 64, 256), (1, 48, 160), (17, 96, 512)]:  # rows, output and 
         t4 = lt.Tiles(block_n=tiles.block_n, block_k=32, splits=tiles.splits)  # within a group of 32
         worst = max(worst, rel(lt.run_linear(x, packed, sz, tiles=t4, group=32), ref4))
         worst = max(worst, rel(lt.run_linear(x, packed, sz, tiles=t4, group=32, swiglu=True), swiglu(ref4)))
+# the bf16 default tiles by rows (default_tiles): from 32 rows, 64 channels in 3 stages (N / 128 programs
+# short of the SMs) or 128 channels a program; at 64 rows, narrow layers in one split
+for M, N, K in [(40, 4096, 64), (20, 8192, 64), (33, 8192, 64), (64, 8200, 128)]:
+    x, w, res = torch.randn(M, K), torch.randn(N, K) * 0.05, torch.randn(M, N)
+    ref = x @ w.t()
+    worst = max(worst, rel(lt.run_linear(x, w, None, residual=res), ref + res))
+    worst = max(worst, rel(lt.run_linear(x, w, None, swiglu=True), swiglu(ref)))
 print("worst relative error", worst)
 assert worst < 1e-5, worst
 """
