@@ -91,9 +91,9 @@ class PrefixCache(nn.Module):
     decoded tokens. Rows are prompt-major: row p n + i is sample i of prompt p."""
 
     def __init__(self, n: int, n_kv_heads: int, head_dim: int, prefix_len: int, prompt_lens: list[int],
-                 max_new_tokens: int, dtype: torch.dtype):
-        super().__init__()
-        Np, L, D = len(prompt_lens), max(prompt_lens), head_dim
+                 max_new_tokens: int, dtype: torch.dtype, prompt_capacity: int = 0):
+        super().__init__()  # each prompt's level holds max(prompt_lens, prompt_capacity) tokens
+        Np, L, D = len(prompt_lens), max(*prompt_lens, prompt_capacity), head_dim
         self.prefix_len, self.prompt_lens = prefix_len, prompt_lens
         self.filling: Optional[int] = None  # prefill: None fills the prefix, p fills prompt p
         for name, shape in [("pre", (n_kv_heads, prefix_len, D)), ("prm", (Np, n_kv_heads, L, D)),
@@ -102,15 +102,23 @@ class PrefixCache(nn.Module):
             self.register_buffer("v_" + name, torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("prm_len", torch.tensor(prompt_lens), persistent=False)  # (P,)
 
+    def set_prompts(self, prompt_lens: list[int]):
+        """Other prompts, as many, in the same tensors (a compiled step and its CUDA graph read them)."""
+        if len(prompt_lens) != self.k_prm.size(0) or max(prompt_lens) > self.k_prm.size(2):
+            raise ValueError(f"{len(prompt_lens)} prompts of up to {max(prompt_lens)} tokens in a cache for "
+                             f"{self.k_prm.size(0)} of up to {self.k_prm.size(2)}")
+        self.prompt_lens = prompt_lens
+        self.prm_len.copy_(torch.tensor(prompt_lens))
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> Tensor:
         Mp = self.prefix_len
         if input_pos.dim() == 2:  # decode: input_pos (P n, 1), each row's position; the slot is the same for all
             caches = self.k_pre, self.v_pre, self.k_prm, self.v_prm, self.prm_len, self.k_dec, self.v_dec
-            if fast(q):  # the kernels read the slot as input_pos[0, 0] - start
-                pos, start = input_pos.view(-1), Mp + self.prompt_lens[0]
-                q = rope_store(q, k, v, freqs_cis, self.k_dec, self.v_dec, pos, start)
-                return prefix_decode_attention(q, *caches, pos, start)
-            slot = (input_pos[0, 0] - Mp - self.prm_len[0]).view(1)  # (1,), a device tensor: no host sync
+            # (1,), a device tensor: no host sync, and no prompt length in a compiled step (set_prompts)
+            slot = (input_pos[0, 0] - Mp - self.prm_len[0]).view(1)
+            if fast(q):
+                q = rope_store(q, k, v, freqs_cis, self.k_dec, self.v_dec, slot)
+                return prefix_decode_attention(q, *caches, slot)
             return prefix_attention(store_decode(q, k, v, freqs_cis, self.k_dec, self.v_dec, slot), *caches, slot)
         if self.filling is None:  # the prefix, batch 1, from position 0
             check_prefill(q.size(0), q.size(1), Mp)
@@ -261,11 +269,12 @@ def free_memory(device) -> Optional[int]:
 
 
 def prompt_groups(config, n: int, prefix_len: int, prompt_lens: list[int], T: int, dtype: torch.dtype,
-                  free: int) -> list[range]:
+                  free: int, prompt_capacity: int = 0) -> list[range]:
     """Consecutive prompts in groups whose three-level caches each fit in free bytes, as many prompts
     to a group as fit (a group of one that does not fit is check_memory's to report)."""
-    def fits(lens: list[int]) -> bool:  # each prompt's level is padded to the longest
-        plan = plan_memory(config, "bifurcated", len(lens) * n, prefix_len + len(lens) * max(lens), T, dtype)
+    def fits(lens: list[int]) -> bool:  # each prompt's level is padded to the longest (or the capacity)
+        plan = plan_memory(config, "bifurcated", len(lens) * n, prefix_len + len(lens) * max(*lens, prompt_capacity),
+                           T, dtype)
         return plan["total"] - plan["weights"] <= free
 
     groups, first = [], 0

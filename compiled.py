@@ -7,6 +7,7 @@
 # eagerly, then as a CUDA graph too (prefill_step).
 import functools
 import hashlib
+import resource
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -63,6 +64,17 @@ SOURCES_IN_KEY = SourcesInKey()  # one object: dynamo takes a backend with other
 
 def compile_graph(fn: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True, dynamic=False, options={"post_grad_custom_post_pass": SOURCES_IN_KEY})
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # process peak RSS (KiB on Linux)
 
 
 class DecodeLoop:

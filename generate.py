@@ -10,7 +10,6 @@ import functools
 import gc
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import tp
 from bifurcated import DoesNotFit, PrefixCache, check_memory, free_memory, make_caches, prompt_groups
 from bifurcated import plan_memory  # noqa: F401 (API: scripts/benchmark.py records its plan)
 from checkpoint import DEFAULT_CHECKPOINT, load_model, resolve_device, resolve_dtype  # noqa: F401 (API)
-from compiled import DecodeLoop, Progress, prefill_step
+from compiled import DecodeLoop, Progress, peak_memory_gb, prefill_step, sync
 from model import Transformer
 from sampling import check_sampling_args, next_tokens, sample_tokens
 from tokenizer import Tokenizer
@@ -41,11 +40,6 @@ class Generation:
     stats: dict = field(default_factory=dict)
 
 
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def generate(model: Transformer, prompt_ids: Sequence[int], num_samples: int = 1, max_new_tokens: int = 128,
              **kwargs) -> Generation:
     """n samples of one prompt (token ids); the settings are generate_many's."""
@@ -58,12 +52,15 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
                   top_k: Optional[int] = None, top_p: float = 1.0, eos_ids: Sequence[int] = (),
                   attention: str = "bifurcated", compile: bool = False, seed: Optional[int] = None,
                   progress: bool = False, vocab_size: Optional[int] = None,
-                  stop_at: Optional[Callable[[int, list[int], int], Optional[int]]] = None) -> list[Generation]:
+                  stop_at: Optional[Callable[[int, list[int], int], Optional[int]]] = None,
+                  prompt_capacity: int = 0) -> list[Generation]:
     """n samples of each prompt (token ids), each placed after the shared prefix: one Generation per
     prompt, the same samples it would get alone (prefix + prompt, same seed). Several prompts use
     three cache levels (bifurcated.PrefixCache); one runs prefix + prompt as its context.
     vocab_size: sample only ids below it (a tokenizer smaller than the model's padded embedding).
-    stop_at(p, ids, since): how many of ids (of prompt p) end at a stop text, or None (Tokenizer.stop_at)."""
+    stop_at(p, ids, since): how many of ids (of prompt p) end at a stop text, or None (Tokenizer.stop_at).
+    prompt_capacity: each prompt's cache level holds this many tokens at least, so that a later run of as
+    many prompts, none longer, reuses the caches and the compiled step (complete_many's groups)."""
     check_sampling_args(num_samples, max_new_tokens, temperature, top_k, top_p, attention)
     prefix, prompts = list(prefix_ids), [list(p) for p in prompts]
     if not prompts:
@@ -76,7 +73,8 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
         raise ValueError("the prompt is empty" if Np == 1 else f"prompt {lens.index(0)} is empty")
     if Np > 1 and attention != "bifurcated":
         raise ValueError(f"several prompts run with bifurcated attention only, not {attention}")
-    M = Mp + max(lens)  # the longest context
+    L = max(*lens, prompt_capacity) if Np > 1 else lens[0]  # a prompt's level
+    M = Mp + L  # the longest context
     if M + T > model.config.block_size:
         raise ValueError(f"prompt ({M} tokens) + max_new_tokens ({T}) = {M + T} exceeds the model's "
                          f"maximum length of {model.config.block_size}")
@@ -92,7 +90,7 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
         input_pos = torch.tensor([Mp + L for L in lens], device=device).repeat_interleave(n)[:, None]  # (B, 1)
     # A run of the same sizes and settings as the last one reuses its caches, compiled step and
     # prefill: no compilation, and its CUDA graphs still point at the same cache tensors.
-    key = (attention, n, Mp, tuple(lens), T, compile, temperature, top_k, top_p, vocab_size)
+    key = (attention, n, Mp, Np, L, T, compile, temperature, top_k, top_p, vocab_size)
     last = getattr(model, "last_run", None)
     if not (last and last[0] == key and all(l.attention.kv_cache is c for l, c in zip(model.layers, last[1]))):
         model.last_run = None
@@ -100,22 +98,24 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
         if device.type == "cuda":
             gc.collect()  # and its compiled step and CUDA graphs, held in reference cycles, before measuring
         free = tp.smallest_on_all_ranks(free_memory(device))  # None on a CPU; all ranks make one plan
-        groups = prompt_groups(cfg, n, Mp, lens, T, dtype, free) if Np > 1 and free is not None else []
+        groups = prompt_groups(cfg, n, Mp, lens, T, dtype, free, L) if Np > 1 and free is not None else []
         if len(groups) > 1:  # complete_many runs such groups one after another
             raise DoesNotFit(f"does not fit in GPU memory: {Np} prompts x {n} samples at once; in {len(groups)} "
                              "runs of consecutive prompts they would", groups)
         if free is not None:  # the context tokens held once, each prompt's level padded to the longest
-            check_memory(cfg, attention, B, Mp + Np * max(lens), T, dtype, free)
+            check_memory(cfg, attention, B, Mp + Np * L, T, dtype, free)
         if Np == 1:
             caches = make_caches(attention, cfg, n, M, T, dtype, device)
         else:
             with torch.device(device):
-                caches = [PrefixCache(n, cfg.n_kv_heads, cfg.head_dim, Mp, lens, T, dtype) for _ in model.layers]
+                caches = [PrefixCache(n, cfg.n_kv_heads, cfg.head_dim, Mp, lens, T, dtype, L) for _ in model.layers]
         model.setup(M + T, caches)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size, groups=Np)
         loop = DecodeLoop(model, functools.partial(next_tokens, **sampling), B, T, input_pos, compile)
         model.last_run = last = (key, caches, loop, prefill_step(model, M, compile) if Np == 1 else None)
     caches, loop, prefill_one = last[1:]
+    for c in caches if Np > 1 else ():  # the same sizes, other prompts
+        c.set_prompts(lens)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the peak of this run: its caches and after
     eos_set = set(eos_ids)
@@ -211,12 +211,6 @@ def joined(runs: list[list[Generation]], n: int, prefix_len: int) -> list[Genera
     return [dataclasses.replace(g, stats=dict(both, prompt_tokens=g.stats["prompt_tokens"])) for run in runs for g in run]
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # process peak RSS (KiB on Linux)
-
-
 def complete(model: Transformer, tokenizer: Optional[Tokenizer], prompt, num_samples: int = 1,
              **kwargs) -> tuple[list[dict], dict]:
     """Sample completions of one prompt (text, or a list of token ids); returns one record per
@@ -253,7 +247,8 @@ def complete_many(model: Transformer, tokenizer: Optional[Tokenizer], prompts: l
     def run(group: Sequence[int]) -> list[Generation]:
         stop_at = (lambda q, ids, since: tokenizer.stop_at(heads[group[q]], ids, stop, since)) if stop else None
         return generate_many(model, [prompt_ids[p] for p in group], prefix_ids, num_samples, eos_ids=eos_ids,
-                             vocab_size=vocab_size, stop_at=stop_at, **kwargs)
+                             vocab_size=vocab_size, stop_at=stop_at, prompt_capacity=max(map(len, prompt_ids)),
+                             **kwargs)
 
     try:
         gens = run(range(len(prompt_ids)))

@@ -58,6 +58,28 @@ for fused in (True, False):
         for side in (False, True):
             levels = bt.prefix_levels(q, kp, vp, km, vm, lens)
             worst = max(worst, rel(bt.attend_levels(q, levels, kd, vd, slot, 0, side=side), ref))
+# a decode step of the three-level cache (bifurcated.PrefixCache), its kernels' way (the slot from the
+# positions and the first prompt's length, a device tensor) against its plain-PyTorch way, for two sets
+# of prompts in the same cache (set_prompts)
+import bifurcated
+Np, n, H, Hkv, Mp, D, T = 3, 2, 4, 2, 24, 16, 6
+ways = []
+for kernels in (True, False):
+    bifurcated.fast = lambda q, k=kernels: k
+    torch.manual_seed(1)
+    cache = bifurcated.PrefixCache(n, Hkv, D, Mp, [9, 20, 5], T, torch.float32, prompt_capacity=30)
+    for lens, step in (([9, 20, 5], 3), ([30, 2, 17], 4)):
+        cache.set_prompts(lens)
+        for t in (cache.k_pre, cache.v_pre, cache.k_prm, cache.v_prm, cache.k_dec, cache.v_dec):
+            t.copy_(torch.randn(t.shape))
+        pos = torch.tensor([Mp + L + step for L in lens]).repeat_interleave(n)[:, None]  # (B, 1)
+        freqs = precompute_freqs_cis(128, D, 10000.0, None, "cpu")[pos[:, 0]][:, None]  # (B, 1, D/2, 2)
+        qkv = torch.randn(Np * n, 1, (H + 2 * Hkv) * D)
+        qr, kr, vr = (t.view(Np * n, 1, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
+        ways.append((cache(qr, kr, vr, freqs, pos), cache.k_dec.clone()))
+half = len(ways) // 2
+for (out, kd), (ref, kd_ref) in zip(ways[:half], ways[half:]):
+    worst = max(worst, rel(out, ref), rel(kd, kd_ref))
 print("worst relative error", worst)
 assert worst < 1e-5, worst
 """

@@ -11,6 +11,7 @@ import torch
 
 import generate as generate_module
 from bifurcated import DoesNotFit, plan_memory, prefix_attention, prompt_groups
+from compiled import DecodeLoop
 from generate import DEFAULT_CHECKPOINT, complete_many, generate, generate_many, load_model
 from model import ModelArgs
 from test_cli import assert_one_line_error
@@ -143,7 +144,9 @@ def test_prompt_groups_fit_and_are_as_large_as_fit():
 
 def test_prompts_in_groups_that_fit_as_all_at_once(monkeypatch):
     # more prompts than fit at once: consecutive groups that fit, one run each; every prompt's samples
-    # (tokens, texts, stops, log-probs) as in one run of them all, the stats over all the runs
+    # (tokens, texts, stops, log-probs) as in one run of them all, the stats over all the runs. Each
+    # prompt's level holds the longest prompt of all, so the groups of as many prompts run in the same
+    # caches and decode loop (its compiled step and CUDA graph): one loop for them, one for the last
     model, tok = load_model(str(DEFAULT_CHECKPOINT), "cpu", torch.float32)
     prefix, prompts = "import os\n", ["def f(x):\n    ", "class A:", "def g():\n    return", "x = 1\n", "if x:\n"]
     kw = dict(num_samples=3, max_new_tokens=20, seed=4, stop=["\n\n"])
@@ -152,14 +155,18 @@ def test_prompts_in_groups_that_fit_as_all_at_once(monkeypatch):
     prefix_ids, lens = tok.encode(prefix), [len(tok.encode(p, bos=False)) for p in prompts]
     plan = plan_memory(model.config, "bifurcated", 2 * 3, len(prefix_ids) + 2 * max(lens), 20, torch.float32)
     monkeypatch.setattr(generate_module, "free_memory", lambda device: plan["total"] - plan["weights"])
-    groups = prompt_groups(model.config, 3, len(prefix_ids), lens, 20, torch.float32, plan["total"] - plan["weights"])
-    assert 2 < len(groups) < len(prompts)
+    groups = prompt_groups(model.config, 3, len(prefix_ids), lens, 20, torch.float32, plan["total"] - plan["weights"],
+                           max(lens))
+    assert [len(g) for g in groups] == [2, 2, 1]
     model.last_run = None  # as in a fresh process: not the run of the same sizes above, which was let in
     with pytest.raises(DoesNotFit, match="does not fit") as e:
         generate_many(model, [tok.encode(p, bos=False) for p in prompts], prefix_ids, num_samples=3,
                       max_new_tokens=20)
     assert e.value.groups == groups
+    loops = []
+    monkeypatch.setattr(generate_module, "DecodeLoop", lambda *a: loops.append(DecodeLoop(*a)) or loops[-1])
     grouped, grouped_stats = complete_many(model, tok, prompts, prefix, **kw)
+    assert len(loops) == 2
     assert grouped_stats["groups"] == len(groups) and grouped_stats["num_prompts"] == len(prompts)
     assert grouped_stats["prefix_tokens"] == len(prefix_ids) and grouped_stats["tokens_per_s"] > 0
     for a, b in zip(together, grouped, strict=True):
