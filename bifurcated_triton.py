@@ -509,6 +509,7 @@ def context_partials(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, tiles: Tiles = Til
     """Launch 1: each context split's normalized output and log2-sum-exp, (P, Hkv, R, D) and (P, Hkv, R)."""
     n, H, _, D = q.shape  # q (n, H, 1, D) contiguous; k_ctx, v_ctx (Hkv, M, D)
     Hkv, M, _ = k_ctx.shape
+    tiles = rows_tiles(n * H // Hkv, M, Hkv, num_sms(q), tiles)  # as run_decode_attention's launch
     plan = context_plan(n * H // Hkv, M, Hkv, num_sms(q), tiles)
     o_part, l_part = new_partials(plan[1], q, Hkv)
     launch_context(q, k_ctx, v_ctx, None, o_part, l_part, 0, plan, tiles)

@@ -24,7 +24,7 @@ import triton.testing
 
 import bifurcated_triton
 from bifurcated import bifurcated_attention
-from bifurcated_triton import Tiles, context_partials, context_plan, run_decode_attention
+from bifurcated_triton import Tiles, context_partials, context_plan, rows_tiles, run_decode_attention
 
 T = 128  # decode capacity
 SWEEP = [Tiles(max_rows=r, block_n=b, waves=w, stages=s, wide_rows=None, mid_rows=None)
@@ -81,7 +81,8 @@ def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], sa
                 print(f"| {Hkv} | {M} | {n} | {f} | {name} | {tiles} | wrong: relative error {err:.3g} | | |")
                 continue
             us = time_us(fn, sets)
-            plan = context_plan(n * H // Hkv, M, Hkv, n_sm, tiles) if tiles else None
+            R = n * H // Hkv  # rows per KV head; the plan as run_decode_attention makes it
+            plan = context_plan(R, M, Hkv, n_sm, rows_tiles(R, M, Hkv, n_sm, tiles)) if tiles else None
             row = dict(kv_heads=Hkv, context=M, n=n, filled=f, path=name,
                        tiles=dataclasses.asdict(tiles) if tiles else None, plan=plan, us=us, gbps=nbytes / us / 1e3,
                        pct_of_bandwidth=100 * nbytes / (us * 1e-6) / bw)
