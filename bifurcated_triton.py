@@ -335,6 +335,13 @@ def rows_tiles(R: int, M: int, n_kv_heads: int, n_sm: int, tiles: Tiles) -> Tile
     return dataclasses.replace(one_wave, block_n=128) if chunk >= 2048 else one_wave
 
 
+def context_level(R: int, k_ctx: Tensor, v_ctx: Tensor, n_sm: int, tiles: Tiles) -> tuple[Tiles, "Level"]:
+    """One prompt's context, (Hkv, M, D), for R query rows per KV head: its tiles (rows_tiles) and level."""
+    Hkv, M, _ = k_ctx.shape
+    tiles = rows_tiles(R, M, Hkv, n_sm, tiles)
+    return tiles, Level(k_ctx, v_ctx, None, context_plan(R, M, Hkv, n_sm, tiles))
+
+
 def context_plan(R: int, M: int, n_kv_heads: int, n_sm: int, tiles: Tiles = Tiles()) -> tuple[int, int, int]:
     """Query rows per block, and how many context splits give every SM `waves` blocks to stream.
     Returns (BLOCK_R, P, chunk): P splits of chunk keys each (whole key blocks)."""
@@ -352,9 +359,7 @@ def run_decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor,
                          start: int = 0, tiles: Tiles = Tiles(), side: bool = False) -> Tensor:
     q = q.contiguous()  # a transposed (n, 1, H, D): free, since S = 1
     n, H, _, D = q.shape
-    Hkv, M, _ = k_ctx.shape
-    tiles = rows_tiles(n * H // Hkv, M, Hkv, num_sms(q), tiles)
-    ctx = Level(k_ctx, v_ctx, None, context_plan(n * H // Hkv, M, Hkv, num_sms(q), tiles))
+    tiles, ctx = context_level(n * H // k_ctx.size(0), k_ctx, v_ctx, num_sms(q), tiles)
     return attend_levels(q, [ctx], k_dec, v_dec, slot, start, tiles, side)
 
 
@@ -372,9 +377,8 @@ def run_rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor
     # (few samples: the launch plan of n <= 64 at long contexts) and are few (ROPE_PROGRAMS), in that
     # launch: one kernel less a step
     n, _, H, D = q.shape  # q (n, 1, H, D), k, v (n, 1, Hkv, D): views of the qkv product, before RoPE
-    Hkv, M, _ = k_ctx.shape
-    tiles = rows_tiles(n * H // Hkv, M, Hkv, num_sms(q), tiles)
-    ctx = Level(k_ctx, v_ctx, None, context_plan(n * H // Hkv, M, Hkv, num_sms(q), tiles))
+    Hkv = k_ctx.size(0)
+    tiles, ctx = context_level(n * H // Hkv, k_ctx, v_ctx, num_sms(q), tiles)
     qt = q.transpose(1, 2)  # (n, H, 1, D): row i at i q.stride(0), its heads D apart
     if (n * Hkv > ROPE_PROGRAMS or own_plan(qt, [ctx], k_dec, tiles) is None or qt.stride(1) != D or k.stride(2) != D
             or v.stride(0) != k.stride(0)):
@@ -508,11 +512,10 @@ def own_fused(P: int, B: int, Hkv: int, T: int, n_sm: int) -> bool:
 def context_partials(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, tiles: Tiles = Tiles()) -> tuple[Tensor, Tensor]:
     """Launch 1: each context split's normalized output and log2-sum-exp, (P, Hkv, R, D) and (P, Hkv, R)."""
     n, H, _, D = q.shape  # q (n, H, 1, D) contiguous; k_ctx, v_ctx (Hkv, M, D)
-    Hkv, M, _ = k_ctx.shape
-    tiles = rows_tiles(n * H // Hkv, M, Hkv, num_sms(q), tiles)  # as run_decode_attention's launch
-    plan = context_plan(n * H // Hkv, M, Hkv, num_sms(q), tiles)
-    o_part, l_part = new_partials(plan[1], q, Hkv)
-    launch_context(q, k_ctx, v_ctx, None, o_part, l_part, 0, plan, tiles)
+    Hkv = k_ctx.size(0)
+    tiles, ctx = context_level(n * H // Hkv, k_ctx, v_ctx, num_sms(q), tiles)  # as run_decode_attention's
+    o_part, l_part = new_partials(ctx.plan[1], q, Hkv)
+    launch_context(q, k_ctx, v_ctx, None, o_part, l_part, 0, ctx.plan, tiles)
     return o_part, l_part
 
 

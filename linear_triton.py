@@ -264,13 +264,13 @@ class Tiles:
     warps: int = 4
 
 
-def default_tiles(kind: str, N: int, block_m: int = 16, n_sm: int = 132) -> Tiles:
+def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132) -> Tiles:
     # The fastest of `scripts/bench_linear.py --sweep` on an H100 for Llama-2-7B's decode shapes at
     # 1 and 32 rows (bench/results/h100-80gb-hbm3/linear.md, linear-narrow.md): wide layers (wqkv, w13)
     # stream best with few, long programs; narrow bf16 ones (wo, w2: N = 4096) with one wave of 128
     # programs that each stream 32 whole rows (no splits of K, so the residual add fits the epilogue).
-    # From 32 rows (block_m) x takes as much shared memory as W: bf16 tiles with fewer stages, so that
-    # two programs fit an SM, or 128 channels a program where that still gives every SM one (H200,
+    # From 17 rows (the dot's 32) x takes as much shared memory as W: bf16 tiles with fewer stages, so
+    # that two programs fit an SM, or 128 channels a program where that still gives every SM one (H200,
     # 32 rows: w13 49.6 -> 46.4 us, wqkv 28.9 -> 26.9; 64 rows: w13 52.8 -> 48.2, wo 16.3 -> 14.2;
     # bench/results/h200/linear-rows.md)
     wide = N >= WIDE
@@ -278,6 +278,7 @@ def default_tiles(kind: str, N: int, block_m: int = 16, n_sm: int = 132) -> Tile
         return Tiles(block_k=256, stages=3) if wide else Tiles(block_k=128, waves=3)
     if kind == "int4":
         return Tiles(block_n=64, block_k=128, stages=3)
+    block_m = max(16, triton.next_power_of_2(M))  # linear_plan's
     if block_m >= 32 and wide:
         if triton.cdiv(N, 128) >= n_sm:
             return Tiles(block_n=128, block_k=64, waves=1, stages=4, warps=8)
@@ -318,7 +319,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         return dense_linear(x, weight, scales, group, swiglu, residual, eager=False)
     kind = "int4" if group else "int8" if scales is not None else "bf16"
     n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    tiles = tiles or default_tiles(kind, N, max(16, triton.next_power_of_2(M)), n_sm)
+    tiles = tiles or default_tiles(kind, N, M, n_sm)
     x = x.contiguous()
     if group and scales.storage_offset() % 2:  # the kernel reads each (scale, zero) pair as one 32-bit word
         scales = scales.clone()

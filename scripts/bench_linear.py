@@ -93,7 +93,7 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
             expected["torch int4"] = expected["int4"]
             for kind in ("bf16", "int8", "int4"):
                 kinds[kind + " swiglu"], expected[kind + " swiglu"] = kinds[kind], swiglu(expected[kind])
-            default = lambda kind: default_tiles(kind, N, max(16, triton.next_power_of_2(M)), n_sm)
+            default = lambda kind: default_tiles(kind, N, M, n_sm)
             tiles = lambda kind: [default(kind)] + [t for t in SWEEP if sweep and t != default(kind)]
             paths = ([("cublas", "bf16", cublas, None), ("plain int8", "int8", plain_int8, None),
                       ("torch int4", "torch int4", lambda x, mm: mm(x), None)]
