@@ -5,6 +5,7 @@
 #
 #   python scripts/profile_step.py --model Llama-2-7B --context 8192 --num_samples 32
 #   python scripts/profile_step.py --context 1024 --prefill
+#   python scripts/profile_step.py --many 16 4096 512 --num_samples 32 --at 64   (several prompts, 64 steps in)
 import time
 import argparse
 import functools
@@ -19,36 +20,44 @@ from torch.profiler import ProfilerActivity, profile
 import quantize
 from bifurcated import make_caches
 from compiled import CUDAGraphStep, DecodeLoop, prefill_step
-from generate import load_model, random_prompt, resolve_device
+from generate import generate_many, load_model, random_prompt, resolve_device
 from sampling import next_tokens
 
 
 @torch.no_grad()
 def main(model: str, context: int, num_samples: int, attention: str, steps: int, compile: bool, top: int,
-         trace: str | None, prefill: bool, weights: str):
+         trace: str | None, prefill: bool, weights: str, many: list[int] | None, at: int):
     dev = resolve_device(None)
     m, _ = load_model("synthetic:" + model, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if weights != "bf16":  # the same random weights, quantized as scripts/benchmark.py does
         m = quantize.quantize_model(m, weights, 128 if weights == "int4" else None)
         model = f"{model} {weights}"
-    cfg, n, T = m.config, num_samples, steps + 8
-    m.setup(context + T, make_caches(attention, cfg, n, context, T, m.output.weight.dtype, dev))
-    prompt = torch.tensor(random_prompt(context, cfg.vocab_size), device=dev)[None]  # (1, M)
-    m(prompt, torch.arange(context, device=dev), last_only=True)  # prefill: fills the context cache
-    if prefill:
-        return profile_prefill(m, prompt, model, steps, top, trace)
-    sampling = dict(temperature=0.8, top_k=None, top_p=1.0, vocab_size=cfg.vocab_size)
-    pos = torch.tensor(context, device=dev)
-    loop = DecodeLoop(m, functools.partial(next_tokens, **sampling), n, T, pos, compile)  # as generate.py runs it
-    loop.start(torch.zeros(n, dtype=torch.long, device=dev), torch.zeros(n, device=dev), pos)
-    for _ in range(4):  # compilation and CUDA-graph recording, outside the profile
+    cfg, n, T = m.config, num_samples, at + steps + 8
+    if many:  # generate.py's own run sets up the three-level caches and the loop; then from its start again
+        P, Mp, L = many
+        prompts = [random_prompt(L, cfg.vocab_size) for _ in range(P)]
+        generate_many(m, prompts, random_prompt(Mp, cfg.vocab_size), n, T, compile=compile, seed=0)
+        loop, pos = m.last_run[2], torch.full((P * n, 1), Mp + L, device=dev)
+        title = f"{model}, {P} prompts of {L} tokens after a prefix of {Mp}, n {n}"
+    else:
+        m.setup(context + T, make_caches(attention, cfg, n, context, T, m.output.weight.dtype, dev))
+        prompt = torch.tensor(random_prompt(context, cfg.vocab_size), device=dev)[None]  # (1, M)
+        m(prompt, torch.arange(context, device=dev), last_only=True)  # prefill: fills the context cache
+        if prefill:
+            return profile_prefill(m, prompt, model, steps, top, trace)
+        sampling = dict(temperature=0.8, top_k=None, top_p=1.0, vocab_size=cfg.vocab_size)
+        pos = torch.tensor(context, device=dev)
+        loop = DecodeLoop(m, functools.partial(next_tokens, **sampling), n, T, pos, compile)  # as generate.py runs it
+        title = f"{model}, context {context}, n {num_samples}, {attention}"
+    loop.start(torch.zeros(len(loop.out), dtype=torch.long, device=dev), torch.zeros(len(loop.out), device=dev), pos)
+    for _ in range(4 + at):  # compilation and CUDA-graph recording, outside the profile; then `at` steps in
         loop.advance()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             loop.advance()
         torch.cuda.synchronize()
-    report(prof, f"{model}, context {context}, n {num_samples}, {attention}", "step", steps, top, trace)
+    report(prof, title + (f", from step {4 + at}" if at else ""), "step", steps, top, trace)
 
 
 def profile_prefill(m, prompt, model: str, steps: int, top: int, trace: str | None):
@@ -98,6 +107,9 @@ if __name__ == "__main__":
     p.add_argument("--trace", help="also write a Chrome trace here")
     p.add_argument("--prefill", action="store_true", help="profile the prefill of the prompt instead")
     p.add_argument("--weights", choices=["bf16", "int8", "int4"], default="bf16", help="int4: groups of 128")
+    p.add_argument("--many", nargs=3, type=int, metavar=("PROMPTS", "PREFIX", "TOKENS"),
+                   help="several prompts of TOKENS random tokens after a shared PREFIX, n samples each")
+    p.add_argument("--at", type=int, default=0, help="profile from this many steps after the prompt on")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("error: needs a CUDA GPU", file=sys.stderr)
