@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 from model import causal_attention, rotate_heads_first
 
@@ -130,8 +131,11 @@ class PrefixCache(nn.Module):
         q = store_context(q, k, v, freqs_cis, self.k_prm[p], self.v_prm[p])  # (1, H, L, D)
         k, v = self.k_prm[p : p + 1, :, :L], self.v_prm[p : p + 1, :, :L]  # (1, Hkv, L, D)
         keys = torch.cat([self.k_pre[None], k], dim=2), torch.cat([self.v_pre[None], v], dim=2)
-        mask = torch.ones(L, Mp + L, dtype=torch.bool, device=q.device).tril(Mp)  # (L, Mp + L)
-        return F.scaled_dot_product_attention(q, *keys, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
+        # query i sees the prefix and the prompt's keys up to its own: causal from the lower right, which SDPA
+        # takes to its flash kernel; a boolean mask went to cuDNN, which built a plan for each new length
+        # (about 70 ms of host time per prompt on an H200: bench/results/h200/profile-many.md)
+        return F.scaled_dot_product_attention(q, *keys, attn_mask=causal_lower_right(L, Mp + L),
+                                              enable_gqa=q.size(1) != k.size(1))
 
 
 CACHES = {"bifurcated": BifurcatedCache, "standard": StandardCache}
