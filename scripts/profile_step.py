@@ -5,7 +5,7 @@
 #
 #   python scripts/profile_step.py --model Llama-2-7B --context 8192 --num_samples 32
 #   python scripts/profile_step.py --context 1024 --prefill
-#   python scripts/profile_step.py --many 16 4096 512 --num_samples 32 --at 64   (several prompts, 64 steps in)
+#   python scripts/profile_step.py --many 16 4096 512 --num_samples 32 --at 60   (several prompts, from step 64)
 import time
 import argparse
 import functools
@@ -109,8 +109,11 @@ if __name__ == "__main__":
     p.add_argument("--weights", choices=["bf16", "int8", "int4"], default="bf16", help="int4: groups of 128")
     p.add_argument("--many", nargs=3, type=int, metavar=("PROMPTS", "PREFIX", "TOKENS"),
                    help="several prompts of TOKENS random tokens after a shared PREFIX, n samples each")
-    p.add_argument("--at", type=int, default=0, help="profile from this many steps after the prompt on")
+    p.add_argument("--at", type=int, default=0,
+                   help="run this many more steps before the profile (after 4 for compiling): the own tokens filled")
     args = p.parse_args()
+    if args.many and (args.prefill or args.attention != "bifurcated"):
+        p.error("--many profiles the bifurcated decode step only (no --prefill, no other --attention)")
     if not torch.cuda.is_available():
         print("error: needs a CUDA GPU", file=sys.stderr)
         sys.exit(1)
