@@ -13,6 +13,7 @@
 #
 # Dimension letters: n samples, M context (prompt) length, T decode capacity (max new tokens),
 # H query heads, Hkv key/value heads, g = H / Hkv query heads per KV head, D head dim.
+import itertools
 from typing import Optional
 
 import torch
@@ -96,7 +97,7 @@ class PrefixCache(nn.Module):
         super().__init__()  # each prompt's level holds max(prompt_lens, prompt_capacity) tokens
         Np, L, D = len(prompt_lens), max(*prompt_lens, prompt_capacity), head_dim
         self.prefix_len, self.prompt_lens = prefix_len, prompt_lens
-        self.filling: Optional[int] = None  # prefill: None fills the prefix, p fills prompt p
+        self.prompts = False  # prefill: the prefix, or every prompt, one after another in one sequence
         for name, shape in [("pre", (n_kv_heads, prefix_len, D)), ("prm", (Np, n_kv_heads, L, D)),
                             ("dec", (Np * n, n_kv_heads, max_new_tokens, D))]:
             self.register_buffer("k_" + name, torch.zeros(shape, dtype=dtype), persistent=False)
@@ -121,13 +122,23 @@ class PrefixCache(nn.Module):
                 q = rope_store(q, k, v, freqs_cis, self.k_dec, self.v_dec, slot)
                 return prefix_decode_attention(q, *caches, slot)
             return prefix_attention(store_decode(q, k, v, freqs_cis, self.k_dec, self.v_dec, slot), *caches, slot)
-        if self.filling is None:  # the prefix, batch 1, from position 0
+        if not self.prompts:  # the prefix, batch 1, from position 0
             check_prefill(q.size(0), q.size(1), Mp)
             q = store_context(q, k, v, freqs_cis, self.k_pre, self.v_pre)  # (1, H, Mp, D)
             return causal_attention(q, self.k_pre[None], self.v_pre[None])
-        # prompt p, batch 1, continuing the prefix: [prefix ; causal own]
-        p, L = self.filling, self.prompt_lens[self.filling]
-        check_prefill(q.size(0), q.size(1), L)
+        # the prompts, batch 1, concatenated: each continues the prefix (its positions from Mp); the
+        # products of the layers take all their tokens at once, the attention each prompt apart
+        if q.size(0) != 1 or q.size(1) != sum(self.prompt_lens):
+            raise ValueError(f"the prompts' prefill takes their {sum(self.prompt_lens)} tokens in one row, "
+                             f"got {q.size(0)} x {q.size(1)}")
+        ends = list(itertools.accumulate(self.prompt_lens))
+        return torch.cat([self.prompt_attention(p, *(t[:, e - L:e] for t in (q, k, v)), freqs_cis[e - L:e])
+                          for p, (L, e) in enumerate(zip(self.prompt_lens, ends))], dim=2)  # (1, H, S, D)
+
+    def prompt_attention(self, p: int, q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor) -> Tensor:
+        # prompt p's q, k, v (1, L, H or Hkv, D): its keys and values stored, its attention over
+        # [prefix ; causal own]
+        Mp, L = self.prefix_len, q.size(1)
         q = store_context(q, k, v, freqs_cis, self.k_prm[p], self.v_prm[p])  # (1, H, L, D)
         k, v = self.k_prm[p : p + 1, :, :L], self.v_prm[p : p + 1, :, :L]  # (1, Hkv, L, D)
         keys = torch.cat([self.k_pre[None], k], dim=2), torch.cat([self.v_pre[None], v], dim=2)

@@ -146,15 +146,16 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
     as_ids = lambda ids: torch.tensor(ids, dtype=torch.long, device=device)[None]  # (1, S)
     if Np == 1:
         last_logits = prefill_one(as_ids(prompts[0]))[:, -1]  # (1, V)
-    else:  # the prefix once, then each prompt continuing from its keys and values
-        def prefill(p: Optional[int], ids: list[int], start: int) -> Tensor:  # p None: the prefix
+    else:  # the prefix once, then the prompts in one sequence, each continuing from the prefix's keys and values
+        def prefill(prompts_: bool, ids: list[int], pos: list[int]) -> Tensor:  # (S, C)
             for c in caches:
-                c.filling = p
-            return model(as_ids(ids), torch.arange(start, start + len(ids), device=device), last_only=True)[:, -1]
+                c.prompts = prompts_
+            return model.hidden(as_ids(ids), torch.tensor(pos, device=device))[0]
 
         if Mp:
-            prefill(None, prefix, 0)
-        last_logits = torch.cat([prefill(p, ids, Mp) for p, ids in enumerate(prompts)])  # (P, V)
+            prefill(False, prefix, list(range(Mp)))
+        x = prefill(True, [t for p in prompts for t in p], [Mp + i for L in lens for i in range(L)])
+        last_logits = model.output(model.norm(x[torch.tensor(lens).cumsum(0) - 1]))  # (P, V): each prompt's last
     last_logits = last_logits[:, :vocab_size].float().repeat_interleave(n, dim=0)  # (B, V), prompt-major rows
     # each sample's first token is its own draw from its prompt's last logits
     first = sample_tokens(last_logits, temperature, top_k, top_p, groups=Np)  # (B,)

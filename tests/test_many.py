@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import generate as generate_module
-from bifurcated import DoesNotFit, plan_memory, prefix_attention, prompt_groups
+from bifurcated import DoesNotFit, PrefixCache, plan_memory, prefix_attention, prompt_groups
 from compiled import DecodeLoop
 from generate import DEFAULT_CHECKPOINT, complete_many, generate, generate_many, load_model
 from model import ModelArgs
@@ -36,6 +36,27 @@ def test_each_prompt_as_if_alone(name, prefix_len, temperature):
         assert many[p].mean_logprob == pytest.approx(alone.mean_logprob, abs=1e-4)
         assert many[p].stats["prompt_tokens"] == prefix_len + len(prompt)
     assert many[0].stats["num_prompts"] == 3 and many[0].stats["prefix_tokens"] == prefix_len
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_prompts_prefilled_in_one_pass(name):
+    # after the prefix, the prompts in one sequence (PrefixCache.prompts): each prompt's last logits as those
+    # of prefix + prompt through the model alone, without a cache
+    model, (Mp, lens) = tiny_model(name), (11, [5, 1, 17])
+    cfg, prefix, prompts = model.config, prompt_ids(Mp, seed=1), [prompt_ids(L, seed=L) for L in lens]
+    caches = [PrefixCache(2, cfg.n_kv_heads, cfg.head_dim, Mp, lens, 4, torch.float32) for _ in model.layers]
+    model.setup(Mp + max(lens) + 4, caches)
+    model.hidden(torch.tensor([prefix]), torch.arange(Mp))
+    for c in caches:
+        c.prompts = True
+    with pytest.raises(ValueError, match="23 tokens in one row"):
+        model.hidden(torch.tensor([sum(prompts, [])[1:]]), torch.full((22,), Mp))
+    x = model.hidden(torch.tensor([sum(prompts, [])]), torch.tensor([Mp + i for L in lens for i in range(L)]))[0]
+    logits = model.output(model.norm(x[torch.tensor(lens).cumsum(0) - 1]))  # (P, V)
+    model.setup(Mp + max(lens))  # no cache: each prefix + prompt from scratch
+    for p, prompt in enumerate(prompts):
+        alone = model(torch.tensor([prefix + prompt]), torch.arange(Mp + lens[p]))[0, -1]
+        torch.testing.assert_close(logits[p], alone, rtol=1e-4, atol=1e-4)
 
 
 def test_eos_and_one_prompt_in_a_list():
