@@ -71,7 +71,8 @@ def _context_own_kernel(Q, K, V, Lens, KD, VD, Slot, O_part, L_part, R, G, M, T,
                         ROW_BLOCKS: tl.constexpr, P: tl.constexpr, GROUPS: tl.constexpr, P_OWN: tl.constexpr,
                         QK_SCALE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                         BLOCK_R: tl.constexpr, CHUNK_OWN: tl.constexpr, BLOCK_G: tl.constexpr,
-                        BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr, ROPE: tl.constexpr):
+                        BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr, ROPE: tl.constexpr,
+                        OWN_IN_LEVEL: tl.constexpr = False):
     # one launch for the last level of keys (as _context_kernel, its programs first) and the samples'
     # own slots (as _context_kernel with SLOT, B groups of G rows): the small own programs fill the
     # last wave of the level's, and one launch less. With ROPE, q comes before RoPE (rows of stride ROW_Q)
@@ -83,6 +84,12 @@ def _context_own_kernel(Q, K, V, Lens, KD, VD, Slot, O_part, L_part, R, G, M, T,
         _context_split(pid % ROW_BLOCKS, pid // ROW_BLOCKS % P, pid // (ROW_BLOCKS * P), Q, K, V, O_part, L_part,
                        Lens, R, G, M, R_ALL, SPLIT0, START, QK_SCALE, HKV, D, CHUNK, BLOCK_R, BLOCK_N, LENGTHS, False,
                        ROPE, Freqs, F_ROW, ROW_Q, KN, VN, ROW_KV)
+        if OWN_IN_LEVEL:  # one level (GROUPS 1), no own programs: this program's share of KV head j's samples,
+            j = pid // (ROW_BLOCKS * P)  # all of each one's own slots in one split (own_in_level)
+            for c in range(pid % (ROW_BLOCKS * P), R_ALL // G, ROW_BLOCKS * P):
+                _context_split(0, 0, c * HKV + j, Q, KD, VD, O_part, L_part, Slot, G, G, T, R_ALL, SPLIT_OWN,
+                               START, QK_SCALE, HKV, D, CHUNK_OWN, BLOCK_G, BLOCK_N, False, True,
+                               ROPE, Freqs, F_ROW, ROW_Q, KN, VN, ROW_KV)
     else:
         pid -= n_level  # split, then KV head and sample
         _context_split(0, pid % P_OWN, pid // P_OWN, Q, KD, VD, O_part, L_part, Slot, G, G, T, R_ALL, SPLIT_OWN,
@@ -206,7 +213,8 @@ def _own_merge_row_kernel(Q, K, V, O_part, L_part, Out, Slot, START, T, R_ALL, P
     # the CUDA cores; for MHA, where _own_merge_kernel's tl.dot pads the one row of each program to 16
     # and its registers let 2 programs share an SM, so that with few filled slots its short programs
     # wait on their latency. One warp a program: MHA n = 256, own + merge with 10 filled slots 59 -> 15 us,
-    # with 64 101 -> 91 us, with 128 the same (attention-own-row.md). Without MERGE, its normalized output
+    # with 64 101 -> 91 us, with 128 the same (attention-own-row.md); 32 keys a step rather than 16, n = 128
+    # with 128 filled 149.8 -> 146.9 us (attention-own-in-level.md). Without MERGE, its normalized output
     # and log-sum-exp go to split P of the partials instead, beside the context launches (attend_levels)
     c, h = tl.program_id(0), tl.program_id(1)
     j = h // G
@@ -417,6 +425,9 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
     if rope is not None and (own is None or len(levels) > 1):
         raise ValueError("attend_levels rotates q, k and v only with one level and the own slots split")
     side = side and own is None and G == 1
+    in_level = own is not None and own_in_level(B, B * G, T, levels[-1])
+    if in_level:  # one split of all T slots
+        own = own[0], 1, triton.cdiv(T, tiles.block_n) * tiles.block_n
     o_part, l_part = new_partials(P + (own[1] if own else 0) + side, q, Hkv)
     split0 = 0
     out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
@@ -431,7 +442,7 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 torch.library.wrap_triton(_own_merge_row_kernel)[(B, H)](
                     q, k_dec, v_dec, o_part, l_part, out, slot, start, T, B * G, P=P, QK_SCALE=qk_scale(D), HKV=Hkv,
-                    G=G, D=D, BLOCK_N=16, MERGE=not side, num_warps=1)
+                    G=G, D=D, BLOCK_N=32, MERGE=not side, num_warps=1)
             if not side:
                 return out
             if stream is not None:
@@ -453,15 +464,34 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
     n_level = triton.cdiv(B // groups * G, block_r) * p * Hkv * groups
     k_new, v_new, freqs = rope if rope is not None else (q, q, q)  # unused without ROPE
     f = freqs.reshape(-1, D)  # (1 or B, D): cos, sin of each pair
-    torch.library.wrap_triton(_context_own_kernel)[(n_level + p_own * Hkv * B,)](
+    torch.library.wrap_triton(_context_own_kernel)[(n_level + (0 if in_level else p_own * Hkv * B),)](
         q, last.k, last.v, l_part if last.lens is None else last.lens, k_dec, v_dec, slot, o_part, l_part,
         B // groups * G, G, M, T, B * G, split0, split0 + p, start,
         f, D if f.size(0) > 1 else 0, q.stride(0), k_new, v_new, k_new.stride(0),
         ROW_BLOCKS=triton.cdiv(B // groups * G, block_r),
         P=p, GROUPS=groups, P_OWN=p_own, QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r,
         CHUNK_OWN=chunk_own, BLOCK_G=block_g, BLOCK_N=tiles.block_n, LENGTHS=last.lens is not None,
-        ROPE=rope is not None, num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
+        ROPE=rope is not None, OWN_IN_LEVEL=in_level, num_warps=tiles.warps or (8 if block_r >= 128 else 4),
+        num_stages=tiles.stages)
     return merge(o_part, l_part, out, P + p_own, G)
+
+
+# The samples' own slots in the programs of the last level's launch, for MHA where every program takes at
+# least one sample and its share of them (all T slots of a few samples) is at most 1 / OWN_SHARE of its
+# context keys: no own programs, which ran after the level's as a tail. On an H100 (bench_attention.py
+# --own_share 0 vs 4, 64 slots filled), a layer at 8K n = 8 57.5 -> 54.6 us, n = 16 62.0 -> 59.0, at 32K
+# n = 8 201.3 -> 185.7, n = 16 203 -> 191; slower for GQA (8K n = 8 20.0 -> 21.8), whose own programs
+# are few and short, and for n = 1, one program's tail (attention-own-in-level.md)
+OWN_SHARE = 4
+
+
+def own_in_level(B: int, R: int, T: int, level: Level) -> bool:
+    """Whether the programs of one prompt's context (level, R query rows per KV head) take the B samples' own
+    slots: a few samples each, all T slots of each in one split."""
+    block_r, p, chunk = level.plan
+    programs = triton.cdiv(R, block_r) * p  # per KV head
+    samples = triton.cdiv(B, programs)  # per program
+    return level.lens is None and R == B and B >= programs and OWN_SHARE * samples * T <= chunk
 
 
 def own_plan(q: Tensor, levels: list[Level], k_dec: Tensor, tiles: Tiles = Tiles()) -> Optional[tuple[int, int, int]]:

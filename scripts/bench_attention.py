@@ -120,6 +120,10 @@ if __name__ == "__main__":
     p.add_argument("--samples", type=int, nargs="+", default=[1, 8, 32, 64, 256, 512])
     p.add_argument("--filled", type=int, nargs="+", default=[64], help="filled decode slots (of 128)")
     p.add_argument("--sweep", action="store_true", help="also time 36 other tile choices")
+    p.add_argument("--own_share", type=int, help="bifurcated_triton.OWN_SHARE for this run (0: never)")
     p.add_argument("--output", help="write every number to this JSON file")
-    args = p.parse_args()
-    main(**vars(args))
+    args = vars(p.parse_args())
+    share = args.pop("own_share")
+    if share is not None:  # the samples' own slots in the context's programs where their share allows
+        bifurcated_triton.OWN_SHARE = share or float("inf")
+    main(**args)

@@ -27,8 +27,10 @@ def rel(out, ref):
 
 torch.manual_seed(0)
 worst = 0.0
-for fused in (True, False):
-    bt.own_fused = lambda *a, f=fused: f  # the own slots in the last launch, or split with the context's
+for fused, in_level in ((True, False), (False, False), (False, True)):
+    bt.own_fused = lambda *a, f=fused: f  # the own slots in the last launch, or split with the context's,
+    # in programs of their own or in the context's (one prompt's level only)
+    bt.own_in_level = lambda B, R, T, level, f=in_level: f and level.lens is None
     # n, H, Hkv, context (not whole blocks of 64 or 32), head dim, decode slots, filled; wide_rows 16: 128-row blocks
     for n, H, Hkv, M, D, T, filled in [(4, 4, 2, 100, 16, 8, 3), (8, 4, 1, 130, 32, 20, 17), (3, 2, 2, 64, 16, 4, 4)]:
         q, kc, vc = torch.randn(n, H, 1, D), torch.randn(Hkv, M, D), torch.randn(Hkv, M, D)
