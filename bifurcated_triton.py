@@ -13,8 +13,10 @@
 # several prompts, then each prompt's own tokens) are more launches of the context kernel into the
 # same buffers, before the last one. Where the context is
 # split many ways (few samples) or a few samples have many decode slots, the samples' own slots go
-# through the context kernel instead, split too, and a third launch merges (own_fused says which); with
-# few samples that launch also applies RoPE and stores the step's k and v (rope_decode_attention).
+# through the context kernel instead, split too, and a third launch merges (own_fused says which); for MHA
+# with a few samples for each of the context's programs, those programs take them after their split
+# (own_in_level). With few samples that launch also applies RoPE and stores the step's k and v
+# (rope_decode_attention).
 # Dimension letters: n samples, M context length, T decode capacity, H query heads, Hkv KV heads,
 # g = H / Hkv, D head dim, R = n g query rows per KV head, P context splits.
 import contextlib
