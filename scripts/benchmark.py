@@ -4,6 +4,7 @@
 # bench/results/<gpu>/<tag>.json (every number + command line), .md (a table) and .png (a plot).
 #
 #   python scripts/benchmark.py                      # the PERF.md sweep on this machine's GPU
+#   python scripts/benchmark.py --table --tag table  # the README's table, its rows only, in one process
 #   python scripts/benchmark.py --models Mistral-7B --contexts 8192 --samples 1 32 --tag mistral
 #   torchrun --standalone --nproc_per_node=2 scripts/benchmark.py --tag sweep   # tensor parallel: sweep-tp2
 #   python scripts/benchmark.py --merge a.json b.json --tag all          # one table + plot from earlier runs
@@ -40,6 +41,10 @@ E2E_PROMPT, E2E_NEW_TOKENS = 1024, 256  # PERF.md target: n = 1, 1K prompt, 256 
 # The rate measurements: a read pass far larger than any cache, a matmul large enough to reach the
 # peak rate. Smaller on CPU, where the same code path only has to run, not to be a reference.
 RATE_SIZES = {"cuda": dict(read_bytes=4 << 30, matmul_size=8192), "cpu": dict(read_bytes=256 << 20, matmul_size=1024)}
+# The README's table (PERF.md's targets): (model, context, n, attention), run in this order
+TABLE = ([("Llama-2-7B", 8192, n, "bifurcated") for n in (1, 8, 32, 64, 256, 512)]
+         + [("Llama-2-7B", 8192, n, "standard") for n in (8, 32)]
+         + [("Llama-2-7B", M, 32, "bifurcated") for M in (16384, 32768)] + [("Mistral-7B", 8192, 32, "bifurcated")])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,14 +358,21 @@ def merge(files: list[str], out_dir: str, tag: str) -> Path:
 # CLI
 def main(models: list[str], contexts: list[int], samples: list[int], attention: list[str], max_new_tokens: int,
          repeats: int, out_dir: str, tag: str, device: str, dtype: str, compile: bool, e2e: bool,
-         weights: Sequence[str] = ("bf16",), many: Optional[list[int]] = None):
-    for name in models:
+         weights: Sequence[str] = ("bf16",), many: Optional[list[int]] = None,
+         configs: Optional[Sequence[tuple[str, int, int, str]]] = None):
+    # configs: (model, context, n, attention) to run instead of models x contexts x samples x attention
+    if configs is not None and many:
+        raise ValueError("--table runs single prompts: it does not take --many")
+    if configs is None:
+        configs = list(itertools.product(models, contexts, samples, attention))
+    models = list(dict.fromkeys(c[0] for c in configs))  # each model built once
+    for name, M, n, mode in configs:
         ModelArgs.from_name(name)  # an unknown name fails here, before an hour of measuring
-    for n in samples:
-        for mode in attention:
-            sampling.check_sampling_args(n, max_new_tokens, 0.8, None, 1.0, mode)
-    if min(contexts) < 1 or repeats < 1:
-        raise ValueError("contexts and repeats must be at least 1")
+        sampling.check_sampling_args(n, max_new_tokens, 0.8, None, 1.0, mode)
+        if M < 1:
+            raise ValueError("contexts must be at least 1")
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
     if not re.fullmatch(r"[\w.-]+", tag):
         raise ValueError(f"tag {tag!r} must be a plain file name (letters, digits, '.', '_', '-')")
     dev = generate.resolve_device(device)
@@ -385,7 +397,7 @@ def main(models: list[str], contexts: list[int], samples: list[int], attention: 
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   read_bandwidth_gbps=read_bw / 1e9, matmul_tflops=matmul_rate / 1e12,
                   rate_sizes=RATE_SIZES[dev.type], rows=[])
-    total, done = len(models) * len(weights) * len(contexts) * len(samples) * len(attention), 0
+    total, done = len(weights) * len(configs), 0
 
     def record(row: dict, prefix: str):
         if rank:
@@ -410,13 +422,11 @@ def main(models: list[str], contexts: list[int], samples: list[int], attention: 
             row = measure_many(model, name, *many, mode, n, max_new_tokens, compile, repeats, (read_bw, matmul_rate),
                                kind, size)
             record(row, "[many]")
-        for M in contexts if not many else ():
-            for n in samples:
-                for mode in attention:
-                    done += 1
-                    row = measure(model, name, mode, n, M, max_new_tokens, compile, repeats, (read_bw, matmul_rate),
-                                  kind, size)
-                    record(row, f"[{done}/{total}]")
+        for _, M, n, mode in [c for c in configs if c[0] == name] if not many else ():
+            done += 1
+            row = measure(model, name, mode, n, M, max_new_tokens, compile, repeats, (read_bw, matmul_rate), kind,
+                          size)
+            record(row, f"[{done}/{total}]")
         del model
         release(dev, compiled=False)
     if rank:
@@ -450,6 +460,10 @@ if __name__ == "__main__":
     p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=None,
                    help=f"also time n=1, {E2E_PROMPT}-token prompt, {E2E_NEW_TOKENS} new tokens end to end, "
                         "prefill included (default: on for cuda)")
+    p.add_argument("--table", action="store_true",
+                   help="instead of --models, --contexts, --samples and --attention: the README table's rows "
+                        "(Llama-2-7B 8K n = 1 ... 512, standard at n = 8 and 32, 16K and 32K at n = 32; "
+                        "Mistral-7B 8K n = 32), each model built once")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="measure nothing: one table and plot (OUT_DIR/<gpu>/TAG) from these results of earlier runs")
     args = p.parse_args()
@@ -457,7 +471,9 @@ if __name__ == "__main__":
         if args.merge:
             merge(args.merge, args.out_dir, args.tag)
         else:
-            main(**{k: v for k, v in vars(args).items() if k != "merge"})
+            table = args.table
+            main(**{k: v for k, v in vars(args).items() if k not in ("merge", "table")},
+                 configs=TABLE if table else None)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

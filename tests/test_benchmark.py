@@ -204,3 +204,30 @@ def test_many_prompt_rows(tmp_path, plan_calls):
     assert kv == pytest.approx(2 * 20 * (2 * 2 * 2 * 16 * 4) / 1e9)  # 40 tokens of 512 bytes fewer
     assert [c for c in (64, 100) if f"| {c} |" in table] == [] and "Several prompts after a shared prefix" in table
     assert "| model | context |" not in table  # no empty table of one-prompt rows
+
+
+def test_listed_configs_each_model_built_once(tmp_path, plan_calls, monkeypatch):
+    built, load = [], generate.load_model
+    monkeypatch.setattr(generate, "load_model", lambda path, *a, **k: built.append(path) or load(path, *a, **k))
+    configs = [("tiny-gqa", 64, 1, "bifurcated"), ("tiny-mha", 100, 3, "standard"), ("tiny-gqa", 100, 3, "bifurcated")]
+    benchmark.main(out_dir=str(tmp_path), **SWEEP, configs=configs)
+    rows = read_results(tmp_path)[0]["rows"]
+    assert built == ["synthetic:tiny-gqa", "synthetic:tiny-mha"]
+    assert [(r["model"], r["context"], r["n"], r["attention"]) for r in rows] == [configs[0], configs[2], configs[1]]
+    with pytest.raises(ValueError, match="--many"):
+        benchmark.main(out_dir=str(tmp_path), **dict(SWEEP, many=[3, 20, 9]), configs=configs)
+
+
+def test_table_is_the_readme_table():
+    # --table runs the rows of the README's results table: each (model, context, n) there, bifurcated
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    shown = set()
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[0].endswith("K") and cells[1].isdigit():
+            model, context = cells[0].split(", ")
+            shown.add((model.removesuffix(" (GQA)"), int(context[:-1]) * 1024, int(cells[1])))
+    table = {(m, M, n) for m, M, n, mode in benchmark.TABLE if mode == "bifurcated"}
+    assert shown and shown == table
+    standard = [(m, M, n) for m, M, n, mode in benchmark.TABLE if mode == "standard"]
+    assert standard == [("Llama-2-7B", 8192, 8), ("Llama-2-7B", 8192, 32)]
