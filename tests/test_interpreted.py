@@ -147,3 +147,15 @@ def test_attention_kernels_in_the_interpreter():
 
 def test_linear_kernels_in_the_interpreter():
     interpret(LINEAR)
+
+
+def test_own_slots_in_the_context_programs_where_measured_faster():
+    # own_in_level's rule, on the plans of attention-own-in-level.md's rows (H100): MHA with 8 or 16 samples
+    # for 8 programs a KV head, yes; one sample, GQA, several prompts' levels, too many own slots: no
+    bt = pytest.importorskip("bifurcated_triton")
+    level = lambda plan, lens=None: bt.Level(None, None, lens, plan)
+    assert bt.own_in_level(8, 8, 128, level((16, 8, 1024))) and bt.own_in_level(16, 16, 128, level((16, 8, 4096)))
+    assert not bt.own_in_level(1, 1, 128, level((16, 8, 1024)))  # one program would take them all
+    assert not bt.own_in_level(8, 32, 128, level((32, 16, 512)))  # GQA: its own programs are short
+    assert not bt.own_in_level(8, 8, 128, level((16, 8, 1024), lens=object()))  # a prompt's level of a group
+    assert not bt.own_in_level(16, 16, 128, level((16, 8, 512)))  # 2 x 128 slots: half of the 512 keys
