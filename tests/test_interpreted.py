@@ -1,7 +1,8 @@
 # The Triton kernels on a CPU, through Triton's interpreter (TRITON_INTERPRET=1, which must be set before
 # Triton compiles anything: so in a child process), against the plain-PyTorch references. Attention
 # (bifurcated_triton.py): the split context (whole key blocks and a masked last one), the samples' own
-# slots in both launch plans, the 128-row blocks of many rows, several prompts' levels, and the own slots
+# slots in all three launch plans (with the merge; in own programs of the context's launch; in the context's
+# programs), the 128-row blocks of many rows, several prompts' levels, and the own slots
 # kept apart for a merge launch (`side`: on a GPU a second stream; here the same launches one after the
 # other). Linear layers (linear_triton.py): bf16-style, int8 and int4 weights, splits of K, the SwiGLU and
 # residual epilogues. In fp32: with bf16 inputs Triton 3.6's interpreter returned results off by orders of
