@@ -471,9 +471,8 @@ if __name__ == "__main__":
         if args.merge:
             merge(args.merge, args.out_dir, args.tag)
         else:
-            table = args.table
             main(**{k: v for k, v in vars(args).items() if k not in ("merge", "table")},
-                 configs=TABLE if table else None)
+                 configs=TABLE if args.table else None)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
