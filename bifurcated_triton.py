@@ -427,7 +427,7 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
     if rope is not None and (own is None or len(levels) > 1):
         raise ValueError("attend_levels rotates q, k and v only with one level and the own slots split")
     side = side and own is None and G == 1
-    in_level = own is not None and own_in_level(B, B * G, T, levels[-1])
+    in_level = own is not None and own_in_level(B, G, T, levels[-1])
     if in_level:  # one split of all T slots
         own = own[0], 1, triton.cdiv(T, tiles.block_n) * tiles.block_n
     o_part, l_part = new_partials(P + (own[1] if own else 0) + side, q, Hkv)
@@ -487,13 +487,13 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
 OWN_SHARE = 4
 
 
-def own_in_level(B: int, R: int, T: int, level: Level) -> bool:
-    """Whether the programs of one prompt's context (level, R query rows per KV head) take the B samples' own
-    slots: a few samples each, all T slots of each in one split."""
+def own_in_level(B: int, G: int, T: int, level: Level) -> bool:
+    """Whether the programs of one prompt's context (level; B samples of G query rows per KV head) take the
+    samples' own slots: a few samples each, all T slots of each in one split."""
     block_r, p, chunk = level.plan
-    programs = triton.cdiv(R, block_r) * p  # per KV head
+    programs = triton.cdiv(B * G, block_r) * p  # per KV head
     samples = triton.cdiv(B, programs)  # per program
-    return level.lens is None and R == B and B >= programs and OWN_SHARE * samples * T <= chunk
+    return level.lens is None and G == 1 and B >= programs and OWN_SHARE * samples * T <= chunk
 
 
 def own_plan(q: Tensor, levels: list[Level], k_dec: Tensor, tiles: Tiles = Tiles()) -> Optional[tuple[int, int, int]]:

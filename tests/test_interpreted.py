@@ -31,7 +31,7 @@ worst = 0.0
 for fused, in_level in ((True, False), (False, False), (False, True)):
     bt.own_fused = lambda *a, f=fused: f  # the own slots in the last launch, or split with the context's,
     # in programs of their own or in the context's (one prompt's level only)
-    bt.own_in_level = lambda B, R, T, level, f=in_level: f and level.lens is None
+    bt.own_in_level = lambda B, G, T, level, f=in_level: f and level.lens is None
     # n, H, Hkv, context (not whole blocks of 64 or 32), head dim, decode slots, filled; wide_rows 16: 128-row blocks
     for n, H, Hkv, M, D, T, filled in [(4, 4, 2, 100, 16, 8, 3), (8, 4, 1, 130, 32, 20, 17), (3, 2, 2, 64, 16, 4, 4)]:
         q, kc, vc = torch.randn(n, H, 1, D), torch.randn(Hkv, M, D), torch.randn(Hkv, M, D)
@@ -155,8 +155,8 @@ def test_own_slots_in_the_context_programs_where_measured_faster():
     # for 8 programs a KV head, yes; one sample, GQA, several prompts' levels, too many own slots: no
     bt = pytest.importorskip("bifurcated_triton")
     level = lambda plan, lens=None: bt.Level(None, None, lens, plan)
-    assert bt.own_in_level(8, 8, 128, level((16, 8, 1024))) and bt.own_in_level(16, 16, 128, level((16, 8, 4096)))
+    assert bt.own_in_level(8, 1, 128, level((16, 8, 1024))) and bt.own_in_level(16, 1, 128, level((16, 8, 4096)))
     assert not bt.own_in_level(1, 1, 128, level((16, 8, 1024)))  # one program would take them all
-    assert not bt.own_in_level(8, 32, 128, level((32, 16, 512)))  # GQA: its own programs are short
-    assert not bt.own_in_level(8, 8, 128, level((16, 8, 1024), lens=object()))  # a prompt's level of a group
-    assert not bt.own_in_level(16, 16, 128, level((16, 8, 512)))  # 2 x 128 slots: half of the 512 keys
+    assert not bt.own_in_level(16, 4, 128, level((64, 16, 512)))  # GQA: its own programs are short
+    assert not bt.own_in_level(8, 1, 128, level((16, 8, 1024), lens=object()))  # a prompt's level of a group
+    assert not bt.own_in_level(16, 1, 128, level((16, 8, 512)))  # 2 x 128 slots: half of the 512 keys
