@@ -162,6 +162,16 @@ def make_caches(attention: str, config, n: int, context_len: int, max_new_tokens
                 for _ in range(config.n_layer)]
 
 
+def free_caches(caches: list[nn.Module]):
+    """Give back the memory of a finished run's caches now, whoever still refers to them: after a compiled
+    run, PyTorch's compiler keeps its last graph (real tensors in its nodes' metadata) until it compiles
+    another, and with it the caches of that run. On an H100, the caches of 8K n = 512 (38 GB) were still
+    allocated when the next run measured the free memory: its plan said a run that fits did not."""
+    for cache in caches:
+        for buf in cache.buffers():
+            buf.untyped_storage().resize_(0)
+
+
 def store_decode(q: Tensor, k: Tensor, v: Tensor, freqs_cis: Tensor, k_dec: Tensor, v_dec: Tensor,
                  slot: Tensor) -> Tensor:
     """A decode step's q, k, v (B, 1, H or Hkv, D): rotate q and k, store k and v in the samples'

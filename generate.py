@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 import tp
-from bifurcated import DoesNotFit, PrefixCache, check_memory, free_memory, make_caches, prompt_groups
+from bifurcated import DoesNotFit, PrefixCache, check_memory, free_caches, free_memory, make_caches, prompt_groups
 from bifurcated import plan_memory  # noqa: F401 (API: scripts/benchmark.py records its plan)
 from checkpoint import DEFAULT_CHECKPOINT, load_model, resolve_device, resolve_dtype  # noqa: F401 (API)
 from compiled import DecodeLoop, Progress, peak_memory_gb, prefill_step, sync
@@ -93,6 +93,8 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], prefix_i
     key = (attention, n, Mp, Np, L, T, compile, temperature, top_k, top_p, vocab_size)
     last = getattr(model, "last_run", None)
     if not (last and last[0] == key and all(l.attention.kv_cache is c for l, c in zip(model.layers, last[1]))):
+        if last:  # nothing runs on its caches again
+            free_caches(last[1])
         model.last_run = None
         model.setup(M + T)  # drop an earlier run's caches before planning and allocating new ones
         if device.type == "cuda":

@@ -182,8 +182,11 @@ def test_same_sizes_reuse_caches_and_step():
     caches, step = model.last_run[1:3]
     again = generate(model, prompt, num_samples=3, max_new_tokens=6, seed=1)
     assert model.last_run[1] is caches and model.last_run[2] is step and again.tokens == first.tokens
+    held = [b for c in caches for b in c.buffers()]  # as the compiler's last graph holds them (free_caches)
+    assert all(b.untyped_storage().nbytes() > 0 for b in held)
     other = generate(model, prompt, num_samples=4, max_new_tokens=6, seed=1)  # new sizes: new caches
     assert model.last_run[1] is not caches and len(other.tokens) == 4
+    assert all(b.untyped_storage().nbytes() == 0 for b in held)  # the old ones' memory given back
     model.setup(26)  # caches dropped by hand: the next run makes new ones
     assert generate(model, prompt, num_samples=4, max_new_tokens=6, seed=1).tokens == other.tokens
 
