@@ -264,7 +264,20 @@ class Tiles:
     warps: int = 4
 
 
-def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132) -> Tiles:
+# GPUs whose bf16 tiles from 17 rows are default_tiles' own (row_tiles=True): there they were measured
+# faster in whole steps (H200, bench/results/h200/tiles-ab.md); on an H100 they were slower than the
+# 16-row tiles (8K n = 32 7.46 -> 7.33 ms without them, n = 64 8.20 -> 8.01, Mistral-7B n = 32 6.64 ->
+# 6.48: bench/results/h100-80gb-hbm3/tiles-ab.md), so other GPUs keep those
+ROW_TILE_GPUS = ("H200",)
+
+
+def row_tiles_on(device: torch.device) -> bool:
+    """Whether default_tiles' tiles by rows are the ones for this device: on a CPU (Triton's interpreter)
+    they are, so that the tests run them."""
+    return device.type != "cuda" or any(g in torch.cuda.get_device_name(device) for g in ROW_TILE_GPUS)
+
+
+def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: bool = True) -> Tiles:
     # The fastest of `scripts/bench_linear.py --sweep` on an H100 for Llama-2-7B's decode shapes at
     # 1 and 32 rows (bench/results/h100-80gb-hbm3/linear.md, linear-narrow.md): wide layers (wqkv, w13)
     # stream best with few, long programs; narrow bf16 ones (wo, w2: N = 4096) with one wave of 128
@@ -278,7 +291,7 @@ def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132) -> Tiles:
         return Tiles(block_k=256, stages=3) if wide else Tiles(block_k=128, waves=3)
     if kind == "int4":
         return Tiles(block_n=64, block_k=128, stages=3)
-    block_m = max(16, triton.next_power_of_2(M))  # linear_plan's
+    block_m = max(16, triton.next_power_of_2(M)) if row_tiles else 16  # linear_plan's
     if block_m >= 32 and wide:
         if triton.cdiv(N, 128) >= n_sm:
             return Tiles(block_n=128, block_k=64, waves=1, stages=4, warps=8)
@@ -319,7 +332,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         return dense_linear(x, weight, scales, group, swiglu, residual, eager=False)
     kind = "int4" if group else "int8" if scales is not None else "bf16"
     n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    tiles = tiles or default_tiles(kind, N, M, n_sm)
+    tiles = tiles or default_tiles(kind, N, M, n_sm, row_tiles_on(x.device))
     x = x.contiguous()
     if group and scales.storage_offset() % 2:  # the kernel reads each (scale, zero) pair as one 32-bit word
         scales = scales.clone()

@@ -27,7 +27,7 @@ import triton.testing
 
 import quantize
 from bench_attention import read_bandwidth, write_results
-from linear_triton import Tiles, default_tiles, run_linear
+from linear_triton import Tiles, default_tiles, row_tiles_on, run_linear
 from model import swiglu
 
 SHAPES = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w1": (11008, 4096), "w2": (4096, 11008), "w13": (22016, 4096),
@@ -93,7 +93,7 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
             expected["torch int4"] = expected["int4"]
             for kind in ("bf16", "int8", "int4"):
                 kinds[kind + " swiglu"], expected[kind + " swiglu"] = kinds[kind], swiglu(expected[kind])
-            default = lambda kind: default_tiles(kind, N, M, n_sm)
+            default = lambda kind: default_tiles(kind, N, M, n_sm, row_tiles_on(x.device))
             tiles = lambda kind: [default(kind)] + [t for t in SWEEP if sweep and t != default(kind)]
             paths = ([("cublas", "bf16", cublas, None), ("plain int8", "int8", plain_int8, None),
                       ("torch int4", "torch int4", lambda x, mm: mm(x), None)]

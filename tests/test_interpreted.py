@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,3 +161,18 @@ def test_own_slots_in_the_context_programs_where_measured_faster():
     assert not bt.own_in_level(16, 4, 128, level((64, 16, 512)))  # GQA: its own programs are short
     assert not bt.own_in_level(8, 1, 128, level((16, 8, 1024), lens=object()))  # a prompt's level of a group
     assert not bt.own_in_level(16, 1, 128, level((16, 8, 512)))  # 2 x 128 slots: half of the 512 keys
+
+
+def test_linear_tiles_by_rows_where_measured_faster(monkeypatch):
+    # default_tiles' bf16 tiles from 17 rows on the GPUs of ROW_TILE_GPUS (H200) and in the interpreter;
+    # an H100, where they were slower (tiles-ab.md), keeps the 16-row tiles at every row count
+    lt = pytest.importorskip("linear_triton")
+    for name, mine in [("NVIDIA H200", True), ("NVIDIA H100 80GB HBM3", False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert lt.row_tiles_on(torch.device("cuda")) == mine
+    assert lt.row_tiles_on(torch.device("cpu"))
+    for M in (32, 64):
+        for N in (4096, 12288, 22016):  # wo, wqkv, w13
+            on_h100 = lt.default_tiles("bf16", N, M, 132, row_tiles=False)
+            assert on_h100 == lt.default_tiles("bf16", N, 1, 132)
+        assert lt.default_tiles("bf16", 22016, M, 132) != lt.default_tiles("bf16", 22016, 1, 132)
