@@ -71,7 +71,9 @@ def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], sa
         for name, tiles in paths:
             if name == "reference" and not small:
                 continue
-            fn = bifurcated_attention if tiles is None else lambda *a, t=tiles: run_decode_attention(*a, tiles=t)
+            # the path the decode op takes: with many MHA samples, the own slots on a second stream (side_rows)
+            fn = bifurcated_attention if tiles is None else \
+                lambda *a, t=tiles: run_decode_attention(*a, tiles=t, side=bifurcated_triton.side_rows(a[0], a[1]))
             try:
                 err = ((fn(*sets[0]).float() - expected).norm() / expected.norm()).item()
             except triton.runtime.errors.OutOfResources as e:  # tiles too large for this GPU
@@ -121,9 +123,12 @@ if __name__ == "__main__":
     p.add_argument("--filled", type=int, nargs="+", default=[64], help="filled decode slots (of 128)")
     p.add_argument("--sweep", action="store_true", help="also time 36 other tile choices")
     p.add_argument("--own_share", type=int, help="bifurcated_triton.OWN_SHARE for this run (0: never)")
+    p.add_argument("--row_block_n", type=int, help="bifurcated_triton.ROW_BLOCK_N for this run (16, 32, 64)")
     p.add_argument("--output", help="write every number to this JSON file")
     args = vars(p.parse_args())
-    share = args.pop("own_share")
+    share, row_block_n = args.pop("own_share"), args.pop("row_block_n")
+    if row_block_n is not None:  # keys a step of the own-row kernel (MHA)
+        bifurcated_triton.ROW_BLOCK_N = row_block_n
     if share is not None:  # the samples' own slots in the context's programs where their share allows
         bifurcated_triton.OWN_SHARE = share or float("inf")
     main(**args)
