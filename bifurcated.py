@@ -165,8 +165,9 @@ def make_caches(attention: str, config, n: int, context_len: int, max_new_tokens
 def free_caches(caches: list[nn.Module]):
     """Give back the memory of a finished run's caches now, whoever still refers to them: after a compiled
     run, PyTorch's compiler keeps its last graph (real tensors in its nodes' metadata) until it compiles
-    another, and with it the caches of that run. On an H100, the caches of 8K n = 512 (38 GB) were still
-    allocated when the next run measured the free memory: its plan said a run that fits did not."""
+    another, and with it the caches of that run. On an H100 they were still allocated when the next run
+    measured the free memory (34.6 GB after a standard run at 8K n = 8: free-memory-probe.txt), and after
+    8K n = 512 the plan said a standard run at n = 8 that fits did not."""
     for cache in caches:
         for buf in cache.buffers():
             buf.untyped_storage().resize_(0)
