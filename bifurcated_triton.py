@@ -444,7 +444,7 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 torch.library.wrap_triton(_own_merge_row_kernel)[(B, H)](
                     q, k_dec, v_dec, o_part, l_part, out, slot, start, T, B * G, P=P, QK_SCALE=qk_scale(D), HKV=Hkv,
-                    G=G, D=D, BLOCK_N=ROW_BLOCK_N, MERGE=not side, num_warps=1)
+                    G=G, D=D, BLOCK_N=ROW_BLOCK_N[side], MERGE=not side, num_warps=1)
             if not side:
                 return out
             if stream is not None:
@@ -478,10 +478,12 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
     return merge(o_part, l_part, out, P + p_own, G)
 
 
-# Keys a step of the own-row kernel (MHA, a program per sample and head): 16 -> 32 was 0-3 us faster a
-# layer at 8K n = 8 and 16 (H100, attention-own-in-level.md); not timed at n = 512, where it runs on the
-# second stream (SIDE_ROWS) and the step has been slower since (21.67 -> 22.21 ms, cause not found)
-ROW_BLOCK_N = 32
+# Keys a step of the own-row kernel (MHA, a program per sample and head), on one stream and on the second
+# (side_rows). One stream: 16 -> 32 was 0-3 us faster a layer at 8K n = 8 and 16 (H100,
+# attention-own-in-level.md). Beside the context launch, 16 keys a step (fewer registers: more of its
+# warps fit beside the context's) at 8K n = 512, 10 / 64 / 128 slots filled: 188.7 -> 181.5, 283.5 ->
+# 258.7, 447.9 -> 422.4 us a layer (H100, bench/results/h100-80gb-hbm3/row-block.md)
+ROW_BLOCK_N = {False: 32, True: 16}
 
 
 # The samples' own slots in the programs of the last level's launch, for MHA where every program takes at
