@@ -316,6 +316,23 @@ def test_linear_kernel(kind, M, N, K, swiglu):
     assert rel_err(out[0], ref) < 1e-2
 
 
+@pytest.mark.parametrize("block_n,warps", [(32, 4), (64, 4), (128, 8)])
+@pytest.mark.parametrize("K", [256, 208])  # 208: a last K tile in part
+def test_linear_kernel_int8_every_value(block_n, warps, K):
+    # each int8 value, -128 included, through the kernel's conversion to bf16 on 32-channel tiles (mma.sync)
+    # and wider ones (wgmma): one-hot rows of x pick single weights, so the product is exact
+    linear_triton = pytest.importorskip("linear_triton")
+    N, M = 512, 16
+    w = ((torch.arange(N, device="cuda")[:, None] * 7 + torch.arange(K, device="cuda")[None, :]) % 256 - 128).to(torch.int8)
+    pick = torch.arange(M, device="cuda") * 13 % K  # (M,): the input channel each row of x selects
+    x = torch.zeros(M, K, device="cuda", dtype=torch.bfloat16)  # (M, K)
+    x[torch.arange(M), pick] = 1.0
+    s = torch.ones(N, device="cuda", dtype=torch.bfloat16)  # (N,)
+    tiles = linear_triton.Tiles(block_n=block_n, block_k=128, waves=1, stages=3, warps=warps)
+    out = linear_triton.run_linear(x, w, s, tiles=tiles)  # (M, N)
+    assert torch.equal(out, w.t()[pick].to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
 @pytest.mark.parametrize("group", [64, 128, 256])
 @pytest.mark.parametrize("M", [1, 5, 32, 64])
