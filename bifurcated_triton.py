@@ -444,7 +444,7 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 torch.library.wrap_triton(_own_merge_row_kernel)[(B, H)](
                     q, k_dec, v_dec, o_part, l_part, out, slot, start, T, B * G, P=P, QK_SCALE=qk_scale(D), HKV=Hkv,
-                    G=G, D=D, BLOCK_N=ROW_BLOCK_N[side], MERGE=not side, num_warps=1)
+                    G=G, D=D, BLOCK_N=SIDE_ROW_BLOCK_N if side else ROW_BLOCK_N, MERGE=not side, num_warps=1)
             if not side:
                 return out
             if stream is not None:
@@ -483,7 +483,7 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
 # attention-own-in-level.md). Beside the context launch, 16 keys a step (fewer registers: more of its
 # warps fit beside the context's) at 8K n = 512, 10 / 64 / 128 slots filled: 188.7 -> 181.5, 283.5 ->
 # 258.7, 447.9 -> 422.4 us a layer (H100, bench/results/h100-80gb-hbm3/row-block.md)
-ROW_BLOCK_N = {False: 32, True: 16}
+ROW_BLOCK_N, SIDE_ROW_BLOCK_N = 32, 16
 
 
 # The samples' own slots in the programs of the last level's launch, for MHA where every program takes at

@@ -124,12 +124,12 @@ if __name__ == "__main__":
     p.add_argument("--sweep", action="store_true", help="also time 36 other tile choices")
     p.add_argument("--own_share", type=int, help="bifurcated_triton.OWN_SHARE for this run (0: never)")
     p.add_argument("--row_block_n", type=int,
-                   help="bifurcated_triton.ROW_BLOCK_N for this run (16, 32, 64), on one stream and the second")
+                   help="bifurcated_triton.ROW_BLOCK_N and SIDE_ROW_BLOCK_N for this run (16, 32, 64)")
     p.add_argument("--output", help="write every number to this JSON file")
     args = vars(p.parse_args())
     share, row_block_n = args.pop("own_share"), args.pop("row_block_n")
     if row_block_n is not None:  # keys a step of the own-row kernel (MHA)
-        bifurcated_triton.ROW_BLOCK_N = {False: row_block_n, True: row_block_n}
+        bifurcated_triton.ROW_BLOCK_N = bifurcated_triton.SIDE_ROW_BLOCK_N = row_block_n
     if share is not None:  # the samples' own slots in the context's programs where their share allows
         bifurcated_triton.OWN_SHARE = share or float("inf")
     main(**args)

@@ -323,7 +323,8 @@ def test_linear_kernel_int8_every_value(block_n, warps, K):
     # and wider ones (wgmma): one-hot rows of x pick single weights, so the product is exact
     linear_triton = pytest.importorskip("linear_triton")
     N, M = 512, 16
-    w = ((torch.arange(N, device="cuda")[:, None] * 7 + torch.arange(K, device="cuda")[None, :]) % 256 - 128).to(torch.int8)
+    n, k = torch.arange(N, device="cuda"), torch.arange(K, device="cuda")
+    w = ((n[:, None] * 7 + k[None, :]) % 256 - 128).to(torch.int8)  # (N, K): each value in every column
     pick = torch.arange(M, device="cuda") * 13 % K  # (M,): the input channel each row of x selects
     x = torch.zeros(M, K, device="cuda", dtype=torch.bfloat16)  # (M, K)
     x[torch.arange(M), pick] = 1.0
