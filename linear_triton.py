@@ -5,6 +5,8 @@
 #   bf16: W (N, K);
 #   int8 (w8a16): W (N, K) int8 and one scale per output channel (N,); the int8 tile is converted in
 #   registers and the fp32 accumulator multiplied by the scale at the end, so 1 byte per weight is read;
+#   the wide layers' tiles (Tiles.f16) take x in fp16 and turn the weights into fp16 by bit operations
+#   (I8F16), the others into x's dtype by Triton's conversion;
 #   int4 (w4a16, GROUP > 0): W (N, K/2) uint8, input channel 2i in the high nibble, and a scale and
 #   zero point per group of GROUP input channels, S (K/GROUP, N, 2): w = (q - 8) scale + zero
 #   (quantize.py's layout), half a byte per weight. With bf16 x on a GPU (groups of 64 or more) each
@@ -38,6 +40,10 @@ from model import swiglu as swiglu_activation
 
 # int4: the bits of the float BIAS with zero low bits, for x's dtype (BIAS + q exact for q < 16)
 MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0), torch.float32: (0, 0.0)}
+# x in fp16 for int8's f16 tiles: times 2^-X_SHIFT, so that bf16 activations up to 2^20 fit fp16's range;
+# exact from 2^-10 up (fp16's normal numbers, times 16), below that within 2^-21: far under bf16's own
+# rounding of x (2^-9 of each value)
+X_SHIFT = 4
 MAX_M = 64  # above this (prefill) the product is compute-bound: cuBLAS does it
 WIDE = 8192  # output channels from which a layer counts as wide (its tiles)
 NARROW = 4096  # bf16 layers from this many output channels take the kernel (128 programs of 32 fill the SMs)
@@ -75,6 +81,23 @@ _DEQUANT_INT4 = " ".join((  # one line: torch.compile copies the string into its
 ))
 
 
+# int8 with x in fp16 (Tiles.f16): 4 weights of one 32-bit register to fp16 in 5 instructions, where
+# Triton's conversion to bf16 takes 16 (a bf16 holds 8 significant bits, too few for a magic number over a
+# whole byte). q ^ 0x80 is the byte q + 128; the bits 0x6400 | (q + 128) are the fp16 1024 + 128 + q, and
+# 1152 off it is q, exact. The outputs keep the input's order: channels 4c, 4c + 1 in $0, 4c + 2, 4c + 3 in $1
+_I8_TO_F16 = " ".join((
+    "{",
+    ".reg .b32 u, m;",
+    "xor.b32 u, $2, 0x80808080;",
+    "prmt.b32 $0, u, 0x64646464, 0x5140;",
+    "prmt.b32 $1, u, 0x64646464, 0x5342;",
+    "mov.b32 m, 0x64806480;",
+    "sub.f16x2 $0, $0, m;",
+    "sub.f16x2 $1, $1, m;",
+    "}",
+))
+
+
 @triton.jit
 def _dequant_int4(h, scale, zero, DEQ: tl.constexpr):
     # h (BLOCK_N, BLOCK_K / 4) int16 words; scale, zero (BLOCK_N, 1) bf16 -> 4 (BLOCK_N, BLOCK_K / 4)
@@ -87,7 +110,8 @@ def _dequant_int4(h, scale, zero, DEQ: tl.constexpr):
 def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
                    SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, MAGIC: tl.constexpr = 0,
-                   BIAS: tl.constexpr = 0.0, DEQ: tl.constexpr = None):
+                   BIAS: tl.constexpr = 0.0, DEQ: tl.constexpr = None, I8F16: tl.constexpr = None,
+                   X_SCALE: tl.constexpr = 1.0):
     nb, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     if SWIGLU:  # the weight's rows of this tile: gate f, up f, gate f + 1, up f + 1, ...
@@ -116,7 +140,8 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
     if RESIDUAL:
         res = tl.load(Res + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
     # y^T = W x^T: W's rows fill the MMA's large side, x's few rows (padded to 16) the small one
-    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    # (int8 with x in fp16, I8F16: x's rows the first operand, so that each warp converts weights of its own)
+    acc = tl.zeros([BLOCK_M, BLOCK_N] if I8F16 is not None else [BLOCK_N, BLOCK_M], tl.float32)
     # whole K blocks up to K; masks along K only where K is not a multiple of BLOCK_K (a mask that
     # varies along a row would split the weight loads into narrow ones)
     for k0 in range(start, tl.minimum(start + CHUNK, K), BLOCK_K):
@@ -161,12 +186,18 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
             acc += xq * scale[:, None] + (zero - (8.0 + BIAS) * scale)[:, None] * xsum[None, :]
         else:
             w = tl.load(w_ptrs, mask=cmask[:, None] & kmask, other=0.0, eviction_policy="evict_first")
-            acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # (BLOCK_N, BLOCK_M); int8 -> bf16 is exact
+            if I8F16 is not None:  # x in fp16 (times 1 / X_SCALE): the weights by I8F16's bit operations
+                w = tl.inline_asm_elementwise(asm=I8F16, constraints="=r,=r,r", args=[w], dtype=tl.float16,
+                                              is_pure=True, pack=4)
+                acc = tl.dot(x, tl.trans(w), acc)  # (BLOCK_M, BLOCK_N)
+            else:
+                acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # (BLOCK_N, BLOCK_M); int8 -> bf16 is exact
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K // 4 if DEQ is not None else BLOCK_K // 2 if GROUP else BLOCK_K
-    acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
+    if I8F16 is None:
+        acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
     if SCALED and not GROUP:  # the per-channel scale commutes with the sum over K: once, in fp32
-        acc *= col_scale[None, :]
+        acc *= col_scale[None, :] * X_SCALE  # X_SCALE: x's scale back (I8F16)
     if SWIGLU:  # one split: y (M, N / 2) = silu(gate) * up
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # (BLOCK_M, BLOCK_N / 2) each
         f = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
@@ -262,6 +293,7 @@ class Tiles:
     splits: Optional[int] = None  # splits of K; None: from `waves`
     stages: int = 4  # software-pipelining depth of the loads
     warps: int = 4
+    f16: bool = False  # int8: x in fp16 and the weights into fp16 by bit operations (I8F16); on a GPU
 
 
 # GPUs whose bf16 tiles from 17 rows are default_tiles' own (row_tiles=True): there they were measured
@@ -277,7 +309,8 @@ def row_tiles_on(device: torch.device) -> bool:
     return device.type != "cuda" or any(g in torch.cuda.get_device_name(device) for g in ROW_TILE_GPUS)
 
 
-def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: bool = True) -> Tiles:
+def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: bool = True,
+                  swiglu: bool = False) -> Tiles:
     # The fastest of `scripts/bench_linear.py --sweep` on an H100 for Llama-2-7B's decode shapes at
     # 1 and 32 rows (bench/results/h100-80gb-hbm3/linear.md, linear-narrow.md): wide layers (wqkv, w13)
     # stream best with few, long programs; narrow bf16 ones (wo, w2: N = 4096) with one wave of 128
@@ -286,9 +319,16 @@ def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: boo
     # that two programs fit an SM, or 128 channels a program where that still gives every SM one (H200,
     # 32 rows: w13 49.6 -> 46.4 us, wqkv 28.9 -> 26.9; 64 rows: w13 52.8 -> 48.2, wo 16.3 -> 14.2;
     # bench/results/h200/linear-rows.md)
+    # int8 wide layers (wqkv, w13) take x in fp16: its conversion joins the norm before them under
+    # torch.compile; whole steps at 8K n = 32, int8, one process: 5.79 ms with none, 5.57-5.59 with w13, 5.52
+    # with both, 5.57 with wo and w2 too, whose x comes from Triton kernels and so needs a conversion kernel
+    # (H100, bench/results/h100-80gb-hbm3/int8-f16.md)
     wide = N >= WIDE
     if kind == "int8":
-        return Tiles(block_k=256, stages=3) if wide else Tiles(block_k=128, waves=3)
+        if wide:
+            return Tiles(block_n=64, block_k=128, waves=1, stages=4, f16=True) if swiglu else Tiles(
+                block_k=256, stages=3, f16=True)
+        return Tiles(block_k=128, waves=3)
     if kind == "int4":
         return Tiles(block_n=64, block_k=128, stages=3)
     block_m = max(16, triton.next_power_of_2(M)) if row_tiles else 16  # linear_plan's
@@ -332,8 +372,11 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         return dense_linear(x, weight, scales, group, swiglu, residual, eager=False)
     kind = "int4" if group else "int8" if scales is not None else "bf16"
     n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    tiles = tiles or default_tiles(kind, N, M, n_sm, row_tiles_on(x.device))
-    x = x.contiguous()
+    tiles = tiles or default_tiles(kind, N, M, n_sm, row_tiles_on(x.device), swiglu)
+    x, dtype, x_scale = x.contiguous(), x.dtype, 1.0
+    f16 = tiles.f16 and kind == "int8" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    if f16 and x.dtype == torch.bfloat16:  # under torch.compile the conversion joins the kernel that makes x
+        x, x_scale = (x * 2.0 ** -X_SHIFT).to(torch.float16), 2.0 ** X_SHIFT
     if group and scales.storage_offset() % 2:  # the kernel reads each (scale, zero) pair as one 32-bit word
         scales = scales.clone()
     block_k = min(group, tiles.block_k or 128) if group else tiles.block_k or 256 // weight.element_size()
@@ -344,7 +387,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     residual, late = (None, residual) if P > 1 else (residual, None)
     # one split: y itself, in x's dtype; else fp32 partials (P, M, N), summed below
     part = torch.empty((M, N // 2) if swiglu else (M, N) if P == 1 else (P, M, N), device=x.device,
-                       dtype=x.dtype if P == 1 else torch.float32)
+                       dtype=dtype if P == 1 else torch.float32)
     residual = None if residual is None else residual.contiguous()
     torch.library.wrap_triton(_linear_kernel)[(triton.cdiv(N, tiles.block_n), P)](
         x, weight, weight if scales is None else scales, part, x if residual is None else residual,
@@ -354,10 +397,10 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         MAGIC=MAGIC[x.dtype][0], BIAS=MAGIC[x.dtype][1],
         DEQ=(_DEQUANT_INT4 if group and x.dtype == scales.dtype == torch.bfloat16 and x.is_cuda and block_k >= 64
              else None),
-        num_warps=tiles.warps, num_stages=tiles.stages)
+        I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale, num_warps=tiles.warps, num_stages=tiles.stages)
     if P == 1:
         return part  # (M, N)
-    return (part.sum(0) if late is None else late.float() + part.sum(0)).to(x.dtype)  # (M, N), rounded once
+    return (part.sum(0) if late is None else late.float() + part.sum(0)).to(dtype)  # (M, N), rounded once
 
 
 def dense_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], group: int, swiglu: bool,

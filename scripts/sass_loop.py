@@ -8,6 +8,7 @@
 # bandwidth (bench/results/h100-80gb-hbm3/linear-int4-unpack.md).
 #
 #   python scripts/sass_loop.py int4 32 64 128 4      # weights (bf16, int8, int4), BLOCK_M, BLOCK_N, BLOCK_K, stages
+#   python scripts/sass_loop.py int8-f16 32 64 128 4  # int8 with x in fp16 (linear_triton.Tiles.f16)
 import collections
 import os
 import re
@@ -25,11 +26,14 @@ import linear_triton as lt
 
 
 def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps: int = 4):
-    sig = {"X": "*bf16", "W": {"bf16": "*bf16", "int8": "*i8"}.get(kind, "*u8"), "S": "*bf16", "Out": "*bf16",
-           "Res": "*bf16", "M": "i32", "N": "i32", "K": "i32", "CHUNK": "i32"}
+    f16 = kind == "int8-f16"
+    kind = "int8" if f16 else kind
+    sig = {"X": "*fp16" if f16 else "*bf16", "W": {"bf16": "*bf16", "int8": "*i8"}.get(kind, "*u8"), "S": "*bf16",
+           "Out": "*bf16", "Res": "*bf16", "M": "i32", "N": "i32", "K": "i32", "CHUNK": "i32"}
     const = dict(SCALED=kind != "bf16", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                  GROUP=128 if kind == "int4" else 0, EVEN_K=True, SWIGLU=False, RESIDUAL=False, MAGIC=0x4300,
-                 BIAS=128.0, DEQ=lt._DEQUANT_INT4 if kind == "int4" and block_k >= 64 else None)
+                 BIAS=128.0, DEQ=lt._DEQUANT_INT4 if kind == "int4" and block_k >= 64 else None,
+                 I8F16=lt._I8_TO_F16 if f16 else None, X_SCALE=2.0 ** lt.X_SHIFT if f16 else 1.0)
     sig.update({k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7, 8)}  # not M
     k = triton.compile(ASTSource(lt._linear_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
@@ -56,6 +60,6 @@ def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (6, 7) or sys.argv[1] not in ("bf16", "int8", "int4"):
-        sys.exit(f"usage: {sys.argv[0]} bf16|int8|int4 BLOCK_M BLOCK_N BLOCK_K STAGES [WARPS]")
+    if len(sys.argv) not in (6, 7) or sys.argv[1] not in ("bf16", "int8", "int8-f16", "int4"):
+        sys.exit(f"usage: {sys.argv[0]} bf16|int8|int8-f16|int4 BLOCK_M BLOCK_N BLOCK_K STAGES [WARPS]")
     main(sys.argv[1], *map(int, sys.argv[2:]))

@@ -316,11 +316,13 @@ def test_linear_kernel(kind, M, N, K, swiglu):
     assert rel_err(out[0], ref) < 1e-2
 
 
-@pytest.mark.parametrize("block_n,warps", [(32, 4), (64, 4), (128, 8)])
+@pytest.mark.parametrize("block_n,warps,f16", [(32, 4, False), (64, 4, False), (128, 8, False), (32, 4, True),
+                                               (64, 4, True)])
 @pytest.mark.parametrize("K", [256, 208])  # 208: a last K tile in part
-def test_linear_kernel_int8_every_value(block_n, warps, K):
+def test_linear_kernel_int8_every_value(block_n, warps, f16, K):
     # each int8 value, -128 included, through the kernel's conversion to bf16 on 32-channel tiles (mma.sync)
-    # and wider ones (wgmma): one-hot rows of x pick single weights, so the product is exact
+    # and wider ones (wgmma), and to fp16 by bit operations (f16): one-hot rows of x pick single weights, so
+    # the product is exact
     linear_triton = pytest.importorskip("linear_triton")
     N, M = 512, 16
     n, k = torch.arange(N, device="cuda"), torch.arange(K, device="cuda")
@@ -329,9 +331,26 @@ def test_linear_kernel_int8_every_value(block_n, warps, K):
     x = torch.zeros(M, K, device="cuda", dtype=torch.bfloat16)  # (M, K)
     x[torch.arange(M), pick] = 1.0
     s = torch.ones(N, device="cuda", dtype=torch.bfloat16)  # (N,)
-    tiles = linear_triton.Tiles(block_n=block_n, block_k=128, waves=1, stages=3, warps=warps)
+    tiles = linear_triton.Tiles(block_n=block_n, block_k=128, waves=1, stages=3, warps=warps, f16=f16)
     out = linear_triton.run_linear(x, w, s, tiles=tiles)  # (M, N)
     assert torch.equal(out, w.t()[pick].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("M", [1, 32])
+def test_linear_kernel_int8_f16_range(M):
+    # int8 with x in fp16 (Tiles.f16): bf16 activations far past fp16's largest number (65504) and far
+    # below its smallest normal one, in one row, against the fp64 product
+    linear_triton = pytest.importorskip("linear_triton")
+    N, K = 256, 1024
+    g = torch.Generator("cuda").manual_seed(M)
+    x = torch.randn(M, K, generator=g, device="cuda") * torch.logspace(-6, 5, K, device="cuda")  # |x| up to 1e5
+    x = x.to(torch.bfloat16)[:, torch.randperm(K, generator=g, device="cuda")]  # (M, K)
+    w = torch.randint(-127, 128, (N, K), generator=g, device="cuda", dtype=torch.int8)  # (N, K)
+    s = (torch.rand(N, generator=g, device="cuda") * 1e-3).to(torch.bfloat16)  # (N,)
+    ref = (x.double() @ w.double().t()) * s.double()
+    tiles = linear_triton.Tiles(block_n=64, block_k=128, waves=1, stages=4, f16=True)
+    out = linear_triton.run_linear(x, w, s, tiles=tiles)
+    assert out.isfinite().all() and rel_err(out, ref) < 1e-2
 
 
 @pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
