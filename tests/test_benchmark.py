@@ -231,3 +231,31 @@ def test_table_is_the_readme_table():
     assert shown and shown == table
     standard = [(m, M, n) for m, M, n, mode in benchmark.TABLE if mode == "standard"]
     assert standard == [("Llama-2-7B", 8192, 8), ("Llama-2-7B", 8192, 32)]
+
+
+def test_ab_step_variants_and_caches():
+    # scripts/ab_step.py: each variant's replacement in place while it runs and the original back after;
+    # the compile caches off (their keys miss the replaced functions); rows interleaved by variant
+    ab_step = pytest.importorskip("ab_step")  # imports Triton (the kernels' modules)
+    import bifurcated_triton as bt
+    import linear_triton as lt
+    plan, tiles = bt.context_plan, lt.default_tiles
+    import torch._functorch.config as aot_config
+    import torch._inductor.config as inductor_config
+    caches = inductor_config.fx_graph_cache, aot_config.enable_autograd_cache
+    with ab_step.caches_off():
+        assert not inductor_config.fx_graph_cache and not aot_config.enable_autograd_cache
+    assert (inductor_config.fx_graph_cache, aot_config.enable_autograd_cache) == caches
+    assert plan(16, 8192, 32, 132)[1] == 8  # 2 waves of 132 SMs over 32 KV heads
+    assert ab_step.measure("context-1-wave", lambda: bt.context_plan(16, 8192, 32, 132))[1] == 4
+    assert ab_step.measure("context-4-waves", lambda: bt.context_plan(16, 8192, 32, 132))[1] == 16
+    assert tiles("int8", 12288, 32).f16 and not tiles("int8", 4096, 32).f16
+    assert not ab_step.measure("int8-bf16", lambda: lt.default_tiles("int8", 12288, 32)).f16
+    assert ab_step.measure("int8-f16-all", lambda: lt.default_tiles("int8", 4096, 32)).f16
+    assert ab_step.measure("int8-f16-all", lambda: lt.default_tiles("bf16", 4096, 32)) == tiles("bf16", 4096, 32)
+    assert bt.context_plan is plan and lt.default_tiles is tiles
+    rows = ab_step.main(["main", "context-1-wave"], "tiny-gqa", [64], [2], "bf16", False, 2, 4, "cpu", "float32",
+                        None)
+    assert [(r["variant"], r["rep"], r["n"], r["context"]) for r in rows] == [
+        ("main", 0, 2, 64), ("context-1-wave", 0, 2, 64), ("main", 1, 2, 64), ("context-1-wave", 1, 2, 64)]
+    assert all(r["ms_per_step"] > 0 for r in rows)

@@ -1,0 +1,134 @@
+# Whole decode steps of several variants of the code, in one process: one model, one measurement of the
+# rates, the variants interleaved (A B A B ...) so that a drift of the machine falls on all of them.
+# A variant replaces a function of linear_triton or bifurcated_triton that picks tiles or a launch plan.
+# Those run while torch.compile traces the custom ops, and neither Inductor's on-disk cache nor
+# AOTAutograd's keys on them: with the caches on, every variant after the first would run the first one's
+# compiled step (bench/results/h100-80gb-hbm3/int8-f16.md). So both caches are off here, and each variant
+# compiles its own step.
+#
+#   python scripts/ab_step.py --variants main context-1-wave context-4-waves --contexts 1024 --samples 1 --e2e
+#   python scripts/ab_step.py --variants main int8-bf16 int8-f16-all --weights int8 --output ab.json
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, as a script
+
+import torch
+import torch._functorch.config
+import torch._inductor.config
+
+import benchmark
+import bifurcated_triton as bt
+import generate
+import linear_triton as lt
+import quantize
+
+
+def context_waves(waves: int):
+    """The context launches' plan with `waves` programs per SM, at every number of rows."""
+    plan = bt.context_plan
+    return bt, "context_plan", lambda R, M, n_kv_heads, n_sm, tiles=bt.Tiles(): plan(
+        R, M, n_kv_heads, n_sm, dataclasses.replace(tiles, waves=waves))
+
+
+def int8_f16(wide: bool, narrow: bool):
+    """int8 layers with x in fp16 (Tiles.f16) where asked, Triton's conversion to bf16 elsewhere."""
+    tiles = lt.default_tiles
+
+    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False):
+        t = tiles(kind, N, M, n_sm, row_tiles, swiglu)
+        return dataclasses.replace(t, f16=wide if N >= lt.WIDE else narrow) if kind == "int8" else t
+    return lt, "default_tiles", default_tiles
+
+
+VARIANTS = {"main": lambda: None, "context-1-wave": lambda: context_waves(1),
+            "context-4-waves": lambda: context_waves(4), "int8-bf16": lambda: int8_f16(False, False),
+            "int8-f16-all": lambda: int8_f16(True, True)}
+
+
+def caches_off() -> contextlib.ExitStack:
+    """Inductor's and AOTAutograd's caches off, until the block ends."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+    return stack
+
+
+def measure(variant: str, run):
+    patch = VARIANTS[variant]()  # (module, name, replacement) or None
+    old = getattr(patch[0], patch[1]) if patch else None
+    if patch:
+        setattr(patch[0], patch[1], patch[2])
+    try:
+        return run()
+    finally:
+        if patch:
+            setattr(patch[0], patch[1], old)
+
+
+def main(variants: list[str], model: str, contexts: list[int], samples: list[int], weights: str, e2e: bool,
+         repeat: int, max_new_tokens: int, device: str, dtype: str, output: str | None) -> list[dict]:
+    with caches_off():
+        return run_variants(variants, model, contexts, samples, weights, e2e, repeat, max_new_tokens, device, dtype,
+                            output)
+
+
+def run_variants(variants: list[str], model: str, contexts: list[int], samples: list[int], weights: str, e2e: bool,
+                 repeat: int, max_new_tokens: int, device: str, dtype: str, output: str | None) -> list[dict]:
+    dev = generate.resolve_device(device)
+    torch_dtype = generate.resolve_dtype(dtype, dev)
+    compile = dev.type == "cuda"
+    rates = benchmark.measure_rates(dev, torch_dtype, **benchmark.RATE_SIZES[dev.type])
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"{gpu}: read {rates[0] / 1e9:.0f} GB/s", flush=True)
+    net, _ = generate.load_model("synthetic:" + model, dev, torch_dtype)
+    size = (benchmark.linear_params(net), None)
+    if weights != "bf16":  # the same random weights, quantized as benchmark.py does
+        net = quantize.quantize_model(net, weights, benchmark.QUANT_GROUPSIZE.get(weights))
+        size = (size[0], benchmark.weight_bytes(net))
+    result = dict(command=shlex.join(["python"] + sys.argv), torch=torch.__version__, gpu=gpu, dtype=dtype,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  read_bandwidth_gbps=rates[0] / 1e9, rows=[])
+    configs = [(M, n) for M in contexts for n in samples] + ([None] if e2e else [])
+    for rep in range(repeat):
+        for config in configs:
+            for variant in variants:
+                net.last_run = None
+                benchmark.release(dev, compile)
+                if config is None:
+                    row = measure(variant, lambda: benchmark.measure_e2e(net, model, compile, 3, weights))
+                    line = f"e2e: {row['tokens_per_s']:.1f} tokens/s, {row['ms_per_step']:.3f} ms/step"
+                else:
+                    row = measure(variant, lambda: benchmark.measure(
+                        net, model, "bifurcated", config[1], config[0], max_new_tokens, compile, 3, rates, weights,
+                        size))
+                    line = (f"{config[0]} n={config[1]}: {row['ms_per_step']:.3f} ms "
+                            f"{[round(t, 3) for t in row['ms_per_step_runs']]} {row['pct_of_floor']:.1f}%")
+                row.update(variant=variant, rep=rep)
+                result["rows"].append(row)
+                print(f"{weights} {variant} {line}", flush=True)
+                if output:
+                    Path(output).write_text(json.dumps(result, indent=1) + "\n")
+    return result["rows"]
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Whole decode steps of variants of the code, in one process.")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["main", "int8-bf16"])
+    p.add_argument("--model", default="Llama-2-7B")
+    p.add_argument("--contexts", type=int, nargs="*", default=[8192])
+    p.add_argument("--samples", type=int, nargs="+", default=[32])
+    p.add_argument("--weights", choices=["bf16", "int8", "int4"], default="bf16")
+    p.add_argument("--e2e", action="store_true", help="also n = 1 end to end (1K prompt, 256 new tokens)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds over the variants")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--output", help="write every row to this JSON file")
+    main(**vars(p.parse_args()))
