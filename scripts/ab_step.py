@@ -12,10 +12,12 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import shlex
 import sys
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, as a script
 
@@ -27,7 +29,6 @@ import benchmark
 import bifurcated_triton as bt
 import generate
 import linear_triton as lt
-import quantize
 
 
 def context_waves(waves: int):
@@ -60,61 +61,44 @@ def caches_off() -> contextlib.ExitStack:
     return stack
 
 
-def measure(variant: str, run):
+def with_variant(variant: str, run):
+    """run() with the variant's replacement in place, the original back after."""
     patch = VARIANTS[variant]()  # (module, name, replacement) or None
-    old = getattr(patch[0], patch[1]) if patch else None
-    if patch:
-        setattr(patch[0], patch[1], patch[2])
-    try:
+    with contextlib.nullcontext() if patch is None else mock.patch.object(*patch):
         return run()
-    finally:
-        if patch:
-            setattr(patch[0], patch[1], old)
 
 
 def main(variants: list[str], model: str, contexts: list[int], samples: list[int], weights: str, e2e: bool,
          repeat: int, max_new_tokens: int, device: str, dtype: str, output: str | None) -> list[dict]:
-    with caches_off():
-        return run_variants(variants, model, contexts, samples, weights, e2e, repeat, max_new_tokens, device, dtype,
-                            output)
-
-
-def run_variants(variants: list[str], model: str, contexts: list[int], samples: list[int], weights: str, e2e: bool,
-                 repeat: int, max_new_tokens: int, device: str, dtype: str, output: str | None) -> list[dict]:
     dev = generate.resolve_device(device)
     torch_dtype = generate.resolve_dtype(dtype, dev)
     compile = dev.type == "cuda"
     rates = benchmark.measure_rates(dev, torch_dtype, **benchmark.RATE_SIZES[dev.type])
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"{gpu}: read {rates[0] / 1e9:.0f} GB/s", flush=True)
-    net, _ = generate.load_model("synthetic:" + model, dev, torch_dtype)
-    size = (benchmark.linear_params(net), None)
-    if weights != "bf16":  # the same random weights, quantized as benchmark.py does
-        net = quantize.quantize_model(net, weights, benchmark.QUANT_GROUPSIZE.get(weights))
-        size = (size[0], benchmark.weight_bytes(net))
+    net, size = benchmark.load_synthetic(model, weights, dev, torch_dtype)
     result = dict(command=shlex.join(["python"] + sys.argv), torch=torch.__version__, gpu=gpu, dtype=dtype,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   read_bandwidth_gbps=rates[0] / 1e9, rows=[])
     configs = [(M, n) for M in contexts for n in samples] + ([None] if e2e else [])
-    for rep in range(repeat):
-        for config in configs:
-            for variant in variants:
-                net.last_run = None
-                benchmark.release(dev, compile)
-                if config is None:
-                    row = measure(variant, lambda: benchmark.measure_e2e(net, model, compile, 3, weights))
-                    line = f"e2e: {row['tokens_per_s']:.1f} tokens/s, {row['ms_per_step']:.3f} ms/step"
-                else:
-                    row = measure(variant, lambda: benchmark.measure(
-                        net, model, "bifurcated", config[1], config[0], max_new_tokens, compile, 3, rates, weights,
-                        size))
-                    line = (f"{config[0]} n={config[1]}: {row['ms_per_step']:.3f} ms "
-                            f"{[round(t, 3) for t in row['ms_per_step_runs']]} {row['pct_of_floor']:.1f}%")
-                row.update(variant=variant, rep=rep)
-                result["rows"].append(row)
-                print(f"{weights} {variant} {line}", flush=True)
-                if output:
-                    Path(output).write_text(json.dumps(result, indent=1) + "\n")
+    with caches_off():
+        for rep, config, variant in itertools.product(range(repeat), configs, variants):
+            net.last_run = None
+            benchmark.release(dev, compile)
+            if config is None:
+                row = with_variant(variant, lambda: benchmark.measure_e2e(net, model, compile, 3, weights))
+                line = f"e2e: {row['tokens_per_s']:.1f} tokens/s, {row['ms_per_step']:.3f} ms/step"
+            else:
+                row = with_variant(variant, lambda: benchmark.measure(
+                    net, model, "bifurcated", config[1], config[0], max_new_tokens, compile, 3, rates, weights,
+                    size))
+                line = (f"{config[0]} n={config[1]}: {row['ms_per_step']:.3f} ms "
+                        f"{[round(t, 3) for t in row['ms_per_step_runs']]} {row['pct_of_floor']:.1f}%")
+            row.update(variant=variant, rep=rep)
+            result["rows"].append(row)
+            print(f"{weights} {variant} {line}", flush=True)
+            if output:
+                Path(output).write_text(json.dumps(result, indent=1) + "\n")
     return result["rows"]
 
 

@@ -110,6 +110,17 @@ def step_cost(config: ModelArgs, params_linear: int, attention: str, n: int, M: 
 
 # ---------------------------------------------------------------------------------------------
 # Measuring
+def load_synthetic(name: str, kind: str, device: torch.device, dtype: torch.dtype, shard=None):
+    """A named config's random weights, quantized as quantize.py does a checkpoint unless kind is bf16, and
+    measure's size of it: (linear parameters, bytes of the weights read per step, None: bf16)."""
+    model, _ = generate.load_model("synthetic:" + name, device, dtype, shard)
+    size = (linear_params(model), None)
+    if kind != "bf16":
+        model = quantize.quantize_model(model, kind, QUANT_GROUPSIZE.get(kind))
+        size = (size[0], weight_bytes(model))
+    return model, size
+
+
 def release(device: torch.device, compiled: bool):
     # A configuration's compiled graphs and their CUDA-graph memory pool go with it (generate drops
     # its caches itself when the next run sets up); the next one compiles for its own shapes.
@@ -409,11 +420,7 @@ def main(models: list[str], contexts: list[int], samples: list[int], attention: 
 
     for name, kind in itertools.product(models, weights):
         shard = functools.partial(tp.apply_tp, rank=rank, world=world) if world > 1 else None
-        model, _ = generate.load_model("synthetic:" + name, dev, torch_dtype, shard)
-        size = (linear_params(model), None)
-        if kind != "bf16":  # the same random weights, quantized as quantize.py does a checkpoint
-            model = quantize.quantize_model(model, kind, QUANT_GROUPSIZE.get(kind))
-            size = (size[0], weight_bytes(model))
+        model, size = load_synthetic(name, kind, dev, torch_dtype, shard)
         if e2e:
             say("\n".join(E2E_HEADER))
             record(measure_e2e(model, name, compile, repeats, kind), "[e2e]")

@@ -247,12 +247,12 @@ def test_ab_step_variants_and_caches():
         assert not inductor_config.fx_graph_cache and not aot_config.enable_autograd_cache
     assert (inductor_config.fx_graph_cache, aot_config.enable_autograd_cache) == caches
     assert plan(16, 8192, 32, 132)[1] == 8  # 2 waves of 132 SMs over 32 KV heads
-    assert ab_step.measure("context-1-wave", lambda: bt.context_plan(16, 8192, 32, 132))[1] == 4
-    assert ab_step.measure("context-4-waves", lambda: bt.context_plan(16, 8192, 32, 132))[1] == 16
+    assert ab_step.with_variant("context-1-wave", lambda: bt.context_plan(16, 8192, 32, 132))[1] == 4
+    assert ab_step.with_variant("context-4-waves", lambda: bt.context_plan(16, 8192, 32, 132))[1] == 16
     assert tiles("int8", 12288, 32).f16 and not tiles("int8", 4096, 32).f16
-    assert not ab_step.measure("int8-bf16", lambda: lt.default_tiles("int8", 12288, 32)).f16
-    assert ab_step.measure("int8-f16-all", lambda: lt.default_tiles("int8", 4096, 32)).f16
-    assert ab_step.measure("int8-f16-all", lambda: lt.default_tiles("bf16", 4096, 32)) == tiles("bf16", 4096, 32)
+    assert not ab_step.with_variant("int8-bf16", lambda: lt.default_tiles("int8", 12288, 32)).f16
+    assert ab_step.with_variant("int8-f16-all", lambda: lt.default_tiles("int8", 4096, 32)).f16
+    assert ab_step.with_variant("int8-f16-all", lambda: lt.default_tiles("bf16", 4096, 32)) == tiles("bf16", 4096, 32)
     assert bt.context_plan is plan and lt.default_tiles is tiles
     rows = ab_step.main(["main", "context-1-wave"], "tiny-gqa", [64], [2], "bf16", False, 2, 4, "cpu", "float32",
                         None)
