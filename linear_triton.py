@@ -11,7 +11,8 @@
 #   zero point per group of GROUP input channels, S (K/GROUP, N, 2): w = (q - 8) scale + zero
 #   (quantize.py's layout), half a byte per weight. With bf16 x on a GPU (groups of 64 or more) each
 #   weight is dequantized to bf16 in registers (DEQ); else the raw nibbles are multiplied on the tensor
-#   cores and each group's scale and zero point applied to the partial product.
+#   cores and each group's scale and zero point applied to the partial product. At one row (n = 1) int4
+#   can take a kernel of its own on the CUDA cores instead (Tiles.gemv, _gemv_int4_kernel; GEMV_ROWS).
 # Above MAX_M rows (prefill) the product is compute-bound: the weight goes to x's dtype (int8, int4:
 # one Triton pass) and cuBLAS multiplies; an eager prefill gets there without the op (forward_linear).
 # Each program owns BLOCK_N output channels of all M rows over one slice of K (split-K): the splits
@@ -44,6 +45,7 @@ MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0), torch
 # exact from 2^-10 up (fp16's normal numbers, times 16), below that within 2^-21: far under bf16's own
 # rounding of x (2^-9 of each value)
 X_SHIFT = 4
+GEMV_ROWS = 0  # int4 up to this many rows (0 or 1): the CUDA-core kernel (Tiles.gemv) by default
 MAX_M = 64  # above this (prefill) the product is compute-bound: cuBLAS does it
 WIDE = 8192  # output channels from which a layer counts as wide (its tiles)
 NARROW = 4096  # bf16 layers from this many output channels take the kernel (128 programs of 32 fill the SMs)
@@ -212,6 +214,106 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
         tl.store(out, acc.to(Out.dtype.element_ty), mask=omask)
 
 
+# int4 at one row (GEMV: n = 1 decoding) on the CUDA cores, where the tensor-core kernel's 16-row tile
+# wastes 15 rows and reshuffles the weight through shared memory: each thread streams 16 bytes of a weight
+# row a load as four 32-bit words, 8 nibbles each. Nibble t of word c is input channel 8c + (t ^ 1)
+# (quantize.py's bytes: channel 2i in the high nibble). Packed fp16 arithmetic, no conversion
+# instruction: two nibbles a LOP3 as the halves 1024 + q (bits 0-3 and 16-19) or 1024 + 16 q (bits 4-7,
+# 20-23), to q - 8 exactly by one HFMA2, times x's fp16 pairs by four more, about 22 instructions a word
+# (scripts/sass_loop.py gemv). A step is whole groups: w = (q - 8) scale + zero, so x.w = scale x.(q - 8)
+# + zero sum(x), the groups' sums of x coming from the wrapper. x comes scaled by 2^-GEMV_SHIFT (fp16 holds
+# bf16's values exactly from 2^-14 up, times 2^GEMV_SHIFT; a word's 8 products stay below fp16's largest
+# number while |x| < 2^(GEMV_SHIFT + 10)), its pairs in the nibbles' order; a word's two halves are
+# added in fp16 and the sum goes on in fp32.
+def _word_asm() -> str:
+    lines = ["{", ".reg .b32 h, a, b, c, d, m, o, s, f;", ".reg .b16 lo, hi;", "mov.b32 m, 0x64006400;",
+             "mov.b32 o, 0x64086408;", "mov.b32 s, 0x2C002C00;", "mov.b32 f, 0xD480D480;", "shr.u32 h, $1, 8;",
+             "lop3.b32 a, $1, 0x000F000F, m, 0xEA;", "lop3.b32 b, $1, 0x00F000F0, m, 0xEA;",
+             "lop3.b32 c, h, 0x000F000F, m, 0xEA;", "lop3.b32 d, h, 0x00F000F0, m, 0xEA;",
+             "sub.rn.f16x2 a, a, o;", "fma.rn.f16x2 b, b, s, f;", "sub.rn.f16x2 c, c, o;", "fma.rn.f16x2 d, d, s, f;",
+             "mul.rn.f16x2 a, a, $2;", "fma.rn.f16x2 a, b, $3, a;", "fma.rn.f16x2 a, c, $4, a;",
+             "fma.rn.f16x2 a, d, $5, a;", "mov.b32 {lo, hi}, a;", "add.rn.f16 lo, lo, hi;", "cvt.f32.f16 $0, lo;", "}"]
+    return " ".join(lines)
+
+
+_WORD = _word_asm()
+GEMV_SHIFT = 8
+
+
+@triton.jit
+def _half_pair(p, w, T: tl.constexpr):
+    # the interpreter's way: x's fp16 pair p (nibbles T and T + 4 of w) times those nibbles - 8, in fp32
+    lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo * (((w >> (4 * T)) & 15) - 8).to(tl.float32) + hi * (((w >> (4 * T + 16)) & 15) - 8).to(tl.float32)
+
+
+@triton.jit
+def _word(w, p0, p1, p2, p3, WORD: tl.constexpr):
+    # sum over a word's 8 channels of (q - 8) x, x's pairs p0-p3 (nibbles 0 and 4, 1 and 5, 2 and 6, 3 and 7)
+    if WORD is not None:
+        return tl.inline_asm_elementwise(asm=WORD, constraints="=r,r,r,r,r,r", args=[w, p0, p1, p2, p3],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    return _half_pair(p0, w, 0) + _half_pair(p1, w, 1) + _half_pair(p2, w, 2) + _half_pair(p3, w, 3)
+
+
+@triton.jit
+def _gemv_group(acc, zsum, w, sz, xp, g_ptr, KW: tl.constexpr, WORD: tl.constexpr):
+    # one group's words w (BLOCK_N, BW) and (scale, zero) words sz (BLOCK_N,) into acc and zsum
+    part = _word(w, tl.load(xp), tl.load(xp + KW), tl.load(xp + 2 * KW), tl.load(xp + 3 * KW), WORD)
+    acc += part * (sz << 16).to(tl.float32, bitcast=True)[:, None]  # the scale: bf16 in the low half
+    return acc, zsum + (sz & -65536).to(tl.float32, bitcast=True) * tl.load(g_ptr)
+
+
+@triton.jit
+def _gemv_int4_kernel(XP, XG, W, S, Out, Res, N, CHUNK, KW: tl.constexpr, BLOCK_N: tl.constexpr,
+                      GROUP: tl.constexpr, UNROLL: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_N: tl.constexpr,
+                      X_SCALE: tl.constexpr, WORD: tl.constexpr):
+    # XP (4, KW) int32: [t, c] x's fp16 pair for nibbles t and t + 4 of word c; XG (K / GROUP,) fp32 the
+    # groups' sums of x (both scaled by 2^-GEMV_SHIFT); W (N, KW) int32 words; S as run_linear's
+    BW: tl.constexpr = GROUP // 8  # words of a row per group
+    nb, split = tl.program_id(0), tl.program_id(1)
+    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    start = split * CHUNK  # in words
+    c = tl.arange(0, BW)
+    w_ptrs = W.to(tl.pointer_type(tl.int32)) + cols[:, None].to(tl.int64) * KW + start + c[None, :]
+    s_ptrs = S.to(tl.pointer_type(tl.int32)) + start // BW * N + cols  # (scale, zero) as one word
+    x_ptrs = XP + start + c[None, :] + 0 * cols[:, None]  # in the weight tile's shape: no layout conversion
+    g_ptr = XG + start // BW
+    acc = tl.zeros([BLOCK_N, BW], tl.float32)
+    zsum = tl.zeros([BLOCK_N], tl.float32)  # sum over groups of zero x (group's sum)
+    # UNROLL groups a step: their loads go out together, before any of their arithmetic
+    for k0 in range(start, tl.minimum(start + CHUNK, KW), BW * UNROLL):
+        w, sz = _gemv_loads(w_ptrs, s_ptrs, cmask, EVEN_N)  # (BLOCK_N, BW), (BLOCK_N,)
+        if UNROLL >= 2:
+            w1, sz1 = _gemv_loads(w_ptrs + BW, s_ptrs + N, cmask, EVEN_N)
+        if UNROLL == 4:
+            w2, sz2 = _gemv_loads(w_ptrs + 2 * BW, s_ptrs + 2 * N, cmask, EVEN_N)
+            w3, sz3 = _gemv_loads(w_ptrs + 3 * BW, s_ptrs + 3 * N, cmask, EVEN_N)
+        acc, zsum = _gemv_group(acc, zsum, w, sz, x_ptrs, g_ptr, KW, WORD)
+        if UNROLL >= 2:
+            acc, zsum = _gemv_group(acc, zsum, w1, sz1, x_ptrs + BW, g_ptr + 1, KW, WORD)
+        if UNROLL == 4:
+            acc, zsum = _gemv_group(acc, zsum, w2, sz2, x_ptrs + 2 * BW, g_ptr + 2, KW, WORD)
+            acc, zsum = _gemv_group(acc, zsum, w3, sz3, x_ptrs + 3 * BW, g_ptr + 3, KW, WORD)
+        x_ptrs += BW * UNROLL
+        w_ptrs += BW * UNROLL
+        s_ptrs += N * UNROLL
+        g_ptr += UNROLL
+    y = (tl.sum(acc, axis=1) + zsum) * X_SCALE
+    if RESIDUAL:
+        y += tl.load(Res + cols, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(Out + split * N + cols, y.to(Out.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _gemv_loads(w_ptrs, s_ptrs, cmask, EVEN_N: tl.constexpr):
+    if EVEN_N:  # no masks: a masked load first zeroes its registers
+        return tl.load(w_ptrs, eviction_policy="evict_first"), tl.load(s_ptrs)
+    return (tl.load(w_ptrs, mask=cmask[:, None], other=0, eviction_policy="evict_first"),
+            tl.load(s_ptrs, mask=cmask, other=0))
+
 @triton.jit
 def _dequant_int4_kernel(W, S, Out, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     # one group of GROUP input channels of BLOCK_N output channels: (BLOCK_N, GROUP) weights out
@@ -294,6 +396,7 @@ class Tiles:
     stages: int = 4  # software-pipelining depth of the loads
     warps: int = 4
     f16: bool = False  # int8: x in fp16 and the weights into fp16 by bit operations (I8F16); on a GPU
+    gemv: bool = False  # int4 at one row: the CUDA-core kernel (_gemv_int4_kernel), block_k / group groups a step
 
 
 # GPUs whose bf16 tiles from 17 rows are default_tiles' own (row_tiles=True): there they were measured
@@ -330,7 +433,8 @@ def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: boo
                 block_k=256, stages=3, f16=True)
         return Tiles(block_k=128, waves=3)
     if kind == "int4":
-        return Tiles(block_n=64, block_k=128, stages=3)
+        return Tiles(block_n=32, waves=4, stages=1, gemv=True) if M <= GEMV_ROWS else Tiles(
+            block_n=64, block_k=128, stages=3)
     block_m = max(16, triton.next_power_of_2(M)) if row_tiles else 16  # linear_plan's
     if block_m >= 32 and wide:
         if triton.cdiv(N, 128) >= n_sm:
@@ -379,29 +483,59 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         x, x_scale = (x * 2.0 ** -X_SHIFT).to(torch.float16), 2.0 ** X_SHIFT
     if group and scales.storage_offset() % 2:  # the kernel reads each (scale, zero) pair as one 32-bit word
         scales = scales.clone()
-    block_k = min(group, tiles.block_k or 128) if group else tiles.block_k or 256 // weight.element_size()
-    if swiglu:  # the activation needs the whole sum over K: one split
+    gemv = tiles.gemv and group and M == 1 and group % 8 == 0
+    if gemv:  # a step of UNROLL whole groups, where K holds whole such steps
+        unroll = next(u for u in (4, 2, 1) if u * group <= max(group, tiles.block_k or 0) and K % (u * group) == 0)
+    block_k = (group * unroll if gemv else min(group, tiles.block_k or 128) if group else
+               tiles.block_k or 256 // weight.element_size())
+    # the activation needs the whole sum over K: one split, or (GEMV) after the splits' sum, where Inductor
+    # fuses it
+    act, swiglu = (swiglu, False) if gemv else (False, swiglu)
+    if swiglu:
         tiles = dataclasses.replace(tiles, splits=1)
     block_m, P, chunk = linear_plan(M, N, K, block_k, n_sm, tiles)
     # the residual add: in the kernel's epilogue with one split, else where the splits are summed
     residual, late = (None, residual) if P > 1 else (residual, None)
     # one split: y itself, in x's dtype; else fp32 partials (P, M, N), summed below
     part = torch.empty((M, N // 2) if swiglu else (M, N) if P == 1 else (P, M, N), device=x.device,
-                       dtype=dtype if P == 1 else torch.float32)
+                       dtype=dtype if P == 1 and not act else torch.float32)
     residual = None if residual is None else residual.contiguous()
-    torch.library.wrap_triton(_linear_kernel)[(triton.cdiv(N, tiles.block_n), P)](
-        x, weight, weight if scales is None else scales, part, x if residual is None else residual,
-        M, N, K, chunk,  # S unused unless SCALED, Res unless RESIDUAL
-        SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP=group,
-        EVEN_K=K % block_k == 0, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        MAGIC=MAGIC[x.dtype][0], BIAS=MAGIC[x.dtype][1],
-        DEQ=(_DEQUANT_INT4 if group and x.dtype == scales.dtype == torch.bfloat16 and x.is_cuda and block_k >= 64
-             else None),
-        I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale, num_warps=tiles.warps, num_stages=tiles.stages)
-    if P == 1:
+    grid = (triton.cdiv(N, tiles.block_n), P)
+    if gemv:  # x's fp16 pairs and groups' sums: under torch.compile in the kernel that makes x
+        xp, xg = gemv_input(x, group)
+        torch.library.wrap_triton(_gemv_int4_kernel)[grid](
+            xp, xg, weight, scales, part, x if residual is None else residual, N, chunk // 8, KW=K // 8,
+            BLOCK_N=tiles.block_n, GROUP=group, UNROLL=unroll, RESIDUAL=residual is not None,
+            EVEN_N=N % tiles.block_n == 0, X_SCALE=2.0 ** GEMV_SHIFT, WORD=_WORD if x.is_cuda else None,
+            num_warps=tiles.warps, num_stages=tiles.stages)
+    else:
+        torch.library.wrap_triton(_linear_kernel)[grid](
+            x, weight, weight if scales is None else scales, part, x if residual is None else residual,
+            M, N, K, chunk,  # S unused unless SCALED, Res unless RESIDUAL
+            SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP=group,
+            EVEN_K=K % block_k == 0, SWIGLU=swiglu, RESIDUAL=residual is not None,
+            MAGIC=MAGIC[x.dtype][0], BIAS=MAGIC[x.dtype][1],
+            DEQ=(_DEQUANT_INT4 if group and x.dtype == scales.dtype == torch.bfloat16 and x.is_cuda and block_k >= 64
+                 else None),
+            I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale, num_warps=tiles.warps, num_stages=tiles.stages)
+    if P == 1 and not act:
         return part  # (M, N)
-    return (part.sum(0) if late is None else late.float() + part.sum(0)).to(dtype)  # (M, N), rounded once
+    y = part if P == 1 else part.sum(0) if late is None else late.float() + part.sum(0)  # (M, N) fp32
+    if act:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up  # (M, N / 2)
+    return y.to(dtype)  # rounded once
 
+
+PAIRS = (1, 5, 0, 4, 3, 7, 2, 6)  # a word's channels in _gemv_int4_kernel's pairs: nibble t is channel t ^ 1
+
+
+def gemv_input(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """x (1, K) -> (4, K / 8) int32, x's fp16 pairs in PAIRS order, and (K / group,) fp32 its groups' sums,
+    both scaled by 2^-GEMV_SHIFT, for _gemv_int4_kernel."""
+    xs = x.float() * 2.0 ** -GEMV_SHIFT
+    pairs = xs.view(-1, 8)[:, list(PAIRS)].view(-1, 4, 2).transpose(0, 1).to(torch.float16)  # (4, K / 8, 2)
+    return pairs.contiguous().view(torch.int32).squeeze(-1), xs.view(-1, group).sum(-1)
 
 def dense_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], group: int, swiglu: bool,
                  residual: Optional[Tensor], eager: bool) -> Tensor:

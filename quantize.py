@@ -31,6 +31,7 @@ from checkpoint import CHECKPOINT_FILE, check_state_dict, fast_linears, read_ten
 from model import ModelArgs, Transformer, swiglu
 
 try:  # the fused w8a16 / w4a16 Triton kernels for CUDA; CPU-only installs have no Triton
+    import linear_triton
     from linear_triton import forward_linear as triton_linear
 except ImportError:
     triton_linear = None
@@ -173,7 +174,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         rows = x.numel() // self.in_features
-        if self.tinygemm is not None and x.is_cuda and x.dtype == torch.bfloat16 and rows <= TINYGEMM_ROWS:
+        if (self.tinygemm is not None and x.is_cuda and x.dtype == torch.bfloat16
+                and linear_triton.GEMV_ROWS < rows <= TINYGEMM_ROWS):  # GEMV_ROWS rows or fewer: Triton's GEMV
             y = torch._weight_int4pack_mm(x.reshape(rows, -1), self.tinygemm, self.groupsize, self.scales_and_zeros)
             return epilogue(y.reshape(*x.shape[:-1], self.out_features), self.swiglu, residual)
         if triton_linear is not None and x.is_cuda:  # one Triton kernel: half a byte read per weight

@@ -9,6 +9,7 @@
 #
 #   python scripts/sass_loop.py int4 32 64 128 4      # weights (bf16, int8, int4), BLOCK_M, BLOCK_N, BLOCK_K, stages
 #   python scripts/sass_loop.py int8-f16 32 64 128 4  # int8 with x in fp16 (linear_triton.Tiles.f16)
+#   python scripts/sass_loop.py gemv 1 64 128 1       # int4's one-row kernel (linear_triton.Tiles.gemv)
 import collections
 import os
 import re
@@ -25,7 +26,19 @@ from triton.compiler import ASTSource
 import linear_triton as lt
 
 
-def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps: int = 4):
+def compile_gemv(block_n: int, block_k: int, stages: int, warps: int):
+    # int4's one-row kernel (linear_triton.Tiles.gemv), groups of 128: block_k / 128 groups a loop step
+    sig = {"XP": "*i32", "XG": "*fp32", "W": "*u8", "S": "*bf16", "Out": "*bf16", "Res": "*bf16", "N": "i32",
+           "CHUNK": "i32"}
+    const = dict(KW=512, BLOCK_N=block_n, GROUP=128, UNROLL=block_k // 128, RESIDUAL=False, EVEN_N=True,
+                 X_SCALE=2.0 ** lt.GEMV_SHIFT, WORD=lt._WORD)
+    sig.update({k: "constexpr" for k in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}
+    return triton.compile(ASTSource(lt._gemv_int4_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def compile_linear(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps: int):
     f16 = kind == "int8-f16"
     kind = "int8" if f16 else kind
     sig = {"X": "*fp16" if f16 else "*bf16", "W": {"bf16": "*bf16", "int8": "*i8"}.get(kind, "*u8"), "S": "*bf16",
@@ -36,8 +49,16 @@ def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps
                  I8F16=lt._I8_TO_F16 if f16 else None, X_SCALE=2.0 ** lt.X_SHIFT if f16 else 1.0)
     sig.update({k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7, 8)}  # not M
-    k = triton.compile(ASTSource(lt._linear_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=warps, num_stages=stages))
+    return triton.compile(ASTSource(lt._linear_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps: int = 4):
+    if kind == "gemv":
+        k = compile_gemv(block_n, block_k, stages, warps)
+    else:
+        k = compile_linear(kind, block_m, block_n, block_k, stages, warps)
+    kind = "int8" if kind == "int8-f16" else kind
     cubin = Path(f"/tmp/sass_loop_{os.getpid()}.cubin")
     cubin.write_bytes(k.asm["cubin"])
     tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
@@ -45,7 +66,7 @@ def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps
     cubin.unlink()
     ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
            (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
-    tile_bytes = block_n * block_k * {"bf16": 2, "int8": 1, "int4": 0.5}[kind]
+    tile_bytes = block_n * block_k * {"bf16": 2, "int8": 1, "int4": 0.5, "gemv": 0.5}[kind]
     print(f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} BLOCK_K={block_k} stages={stages} warps={warps}: "
           f"{len(ins)} instructions, shared memory {k.metadata.shared} B, {tile_bytes:.0f} weight bytes per K tile")
     for addr, text in ins:
@@ -60,6 +81,6 @@ def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (6, 7) or sys.argv[1] not in ("bf16", "int8", "int8-f16", "int4"):
-        sys.exit(f"usage: {sys.argv[0]} bf16|int8|int8-f16|int4 BLOCK_M BLOCK_N BLOCK_K STAGES [WARPS]")
+    if len(sys.argv) not in (6, 7) or sys.argv[1] not in ("bf16", "int8", "int8-f16", "int4", "gemv"):
+        sys.exit(f"usage: {sys.argv[0]} bf16|int8|int8-f16|int4|gemv BLOCK_M BLOCK_N BLOCK_K STAGES [WARPS]")
     main(sys.argv[1], *map(int, sys.argv[2:]))

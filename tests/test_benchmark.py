@@ -253,6 +253,8 @@ def test_ab_step_variants_and_caches():
     assert not ab_step.with_variant("int8-bf16", lambda: lt.default_tiles("int8", 12288, 32)).f16
     assert ab_step.with_variant("int8-f16-all", lambda: lt.default_tiles("int8", 4096, 32)).f16
     assert ab_step.with_variant("int8-f16-all", lambda: lt.default_tiles("bf16", 4096, 32)) == tiles("bf16", 4096, 32)
+    gemv = lambda: lt.default_tiles("int4", 12288, 1).gemv  # int4's one row: Triton's GEMV, or PyTorch's kernel
+    assert ab_step.with_variant("int4-gemv", gemv) and not ab_step.with_variant("int4-tinygemm", gemv)
     assert bt.context_plan is plan and lt.default_tiles is tiles
     rows = ab_step.main(["main", "context-1-wave"], "tiny-gqa", [64], [2], "bf16", False, 2, 4, "cpu", "float32",
                         None)

@@ -374,6 +374,43 @@ def test_linear_kernel_int4_in_bf16(group, M, swiglu):
         assert rel_err(linear_triton.run_linear(x, packed, sz, group=group, residual=res), ref + res.double()) < 1e-2
 
 
+@pytest.mark.parametrize("tiles", [(32, 128, 1), (64, 256, 2), (128, 512, 8), (64, 512, 4)],
+                         ids=lambda t: "n%d-k%d-w%d" % t)
+@pytest.mark.parametrize("M", [1, 3])  # 3: the tensor-core kernel, whatever the tiles ask
+def test_linear_kernel_int4_gemv(M, tiles):
+    # int4 at one row on the CUDA cores (Tiles.gemv): nibbles to fp16 and the products by inline PTX, 1, 2 or
+    # 4 groups a step (block_k), splits of K (waves), N not a multiple of the tile, zero points that
+    # matter; plain, residual, swiglu
+    linear_triton = pytest.importorskip("linear_triton")
+    N, K, group = 1000, 2560, 128
+    g = torch.Generator("cuda").manual_seed(M)
+    w = torch.randn(N, K, generator=g, device="cuda") * 0.02 + torch.randn(N, 1, generator=g, device="cuda") * 0.05
+    x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)  # (M, K)
+    res = torch.randn(M, N, generator=g, device="cuda").to(torch.bfloat16)  # (M, N)
+    packed, sz = quantize.quantize_int4(w, group)
+    ref = x.double() @ quantize.dequantize_int4(packed, sz, group).double().t()  # (M, N)
+    t = linear_triton.Tiles(block_n=tiles[0], block_k=tiles[1], waves=tiles[2], stages=1, gemv=True)
+    run = lambda **kw: linear_triton.run_linear(x, packed, sz, tiles=t, group=group, **kw)
+    assert rel_err(run(), ref) < 1e-2
+    assert rel_err(run(residual=res), ref + res.double()) < 1e-2
+    assert rel_err(run(swiglu=True), model_swiglu(ref)) < 1e-2
+
+
+def test_linear_kernel_int4_gemv_range():
+    # the one-row int4 kernel's fp16 pairs (x scaled by 2^-GEMV_SHIFT): bf16 activations from 1e-6 to 1e5 in
+    # one row, against the fp64 product
+    linear_triton = pytest.importorskip("linear_triton")
+    N, K, group = 512, 4096, 128
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(1, K, generator=g, device="cuda") * torch.logspace(-6, 5, K, device="cuda")
+    x = x.to(torch.bfloat16)[:, torch.randperm(K, generator=g, device="cuda")]  # (1, K)
+    packed, sz = quantize.quantize_int4(torch.randn(N, K, generator=g, device="cuda") * 0.02, group)
+    ref = x.double() @ quantize.dequantize_int4(packed, sz, group).double().t()  # (1, N)
+    out = linear_triton.run_linear(x, packed, sz, tiles=linear_triton.Tiles(block_n=64, stages=1, gemv=True),
+                                   group=group)
+    assert out.isfinite().all() and rel_err(out, ref) < 1e-2
+
+
 @pytest.mark.parametrize("Hkv", [32, 8, 1])
 @pytest.mark.parametrize("Mp,lens", [(0, [100, 7, 513]), (4097, [1, 300]), (1000, [64])])
 def test_prefix_kernel_bf16(Hkv, Mp, lens):

@@ -99,7 +99,7 @@ def rel(out, ref):
     return ((out - ref).norm() / ref.norm()).item()
 
 torch.manual_seed(0)
-worst = 0.0
+worst = worst16 = 0.0
 for M, N, K in [(3, 64, 256), (1, 48, 160), (17, 96, 512)]:  # rows, output and input channels
     x, w, res = torch.randn(M, K), torch.randn(N, K) * 0.05, torch.randn(M, N)
     ref = x @ w.t()
@@ -117,6 +117,13 @@ for M, N, K in [(3, 64, 256), (1, 48, 160), (17, 96, 512)]:  # rows, output and 
         t4 = lt.Tiles(block_n=tiles.block_n, block_k=32, splits=tiles.splits)  # within a group of 32
         worst = max(worst, rel(lt.run_linear(x, packed, sz, tiles=t4, group=32), ref4))
         worst = max(worst, rel(lt.run_linear(x, packed, sz, tiles=t4, group=32, swiglu=True), swiglu(ref4)))
+    # int4 at one row on the CUDA cores (Tiles.gemv: with x's fp16 pairs, x rounded to fp16, 2^-11): one group
+    # a step, or two (block_k 64); more rows take the tensor-core kernel
+    for tiles in (lt.Tiles(block_n=32, block_k=64, gemv=True), lt.Tiles(block_n=16, splits=1, gemv=True),
+                  lt.Tiles(block_n=64, splits=3, gemv=True)):
+        for kw, expected in [({}, ref4), (dict(residual=res), ref4 + res), (dict(swiglu=True), swiglu(ref4))]:
+            err = rel(lt.run_linear(x, packed, sz, tiles=tiles, group=32, **kw), expected)
+            worst, worst16 = (worst, max(worst16, err)) if M == 1 else (max(worst, err), worst16)
 # the bf16 default tiles by rows (default_tiles): from 32 rows, 64 channels in 3 stages (N / 128 programs
 # short of the SMs) or 128 channels a program; at 64 rows, narrow layers in one split
 for M, N, K in [(40, 4096, 64), (20, 8192, 64), (33, 8192, 64), (64, 8200, 128)]:
@@ -124,8 +131,8 @@ for M, N, K in [(40, 4096, 64), (20, 8192, 64), (33, 8192, 64), (64, 8200, 128)]
     ref = x @ w.t()
     worst = max(worst, rel(lt.run_linear(x, w, None, residual=res), ref + res))
     worst = max(worst, rel(lt.run_linear(x, w, None, swiglu=True), swiglu(ref)))
-print("worst relative error", worst)
-assert worst < 1e-5, worst
+print("worst relative error", worst, "with fp16 pairs", worst16)
+assert worst < 1e-5 and 0 < worst16 < 1e-3, (worst, worst16)
 """
 
 
