@@ -12,7 +12,8 @@
 #   (quantize.py's layout), half a byte per weight. With bf16 x on a GPU (groups of 64 or more) each
 #   weight is dequantized to bf16 in registers (DEQ); else the raw nibbles are multiplied on the tensor
 #   cores and each group's scale and zero point applied to the partial product. At one row (n = 1) int4
-#   can take a kernel of its own on the CUDA cores instead (Tiles.gemv, _gemv_int4_kernel; GEMV_ROWS).
+#   can take a kernel of its own on the CUDA cores instead (Tiles.gemv, _gemv_int4_kernel), opt-in
+#   (GEMV_ROWS): on the H100 it was slower than PyTorch's int4 kernel (bench/results/h100-80gb-hbm3/int4-gemv.md).
 # Above MAX_M rows (prefill) the product is compute-bound: the weight goes to x's dtype (int8, int4:
 # one Triton pass) and cuBLAS multiplies; an eager prefill gets there without the op (forward_linear).
 # Each program owns BLOCK_N output channels of all M rows over one slice of K (split-K): the splits
@@ -45,7 +46,7 @@ MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0), torch
 # exact from 2^-10 up (fp16's normal numbers, times 16), below that within 2^-21: far under bf16's own
 # rounding of x (2^-9 of each value)
 X_SHIFT = 4
-GEMV_ROWS = 0  # int4 up to this many rows (0 or 1): the CUDA-core kernel (Tiles.gemv) by default
+GEMV_ROWS = 0  # int4 up to this many rows (0 or 1): the CUDA-core kernel (Tiles.gemv) by default; 0: measured slower
 MAX_M = 64  # above this (prefill) the product is compute-bound: cuBLAS does it
 WIDE = 8192  # output channels from which a layer counts as wide (its tiles)
 NARROW = 4096  # bf16 layers from this many output channels take the kernel (128 programs of 32 fill the SMs)
@@ -433,7 +434,7 @@ def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: boo
                 block_k=256, stages=3, f16=True)
         return Tiles(block_k=128, waves=3)
     if kind == "int4":
-        return Tiles(block_n=32, waves=4, stages=1, gemv=True) if M <= GEMV_ROWS else Tiles(
+        return Tiles(block_n=128, block_k=256, waves=1, stages=1, gemv=True) if M <= GEMV_ROWS else Tiles(
             block_n=64, block_k=128, stages=3)
     block_m = max(16, triton.next_power_of_2(M)) if row_tiles else 16  # linear_plan's
     if block_m >= 32 and wide:
@@ -534,7 +535,7 @@ def gemv_input(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
     """x (1, K) -> (4, K / 8) int32, x's fp16 pairs in PAIRS order, and (K / group,) fp32 its groups' sums,
     both scaled by 2^-GEMV_SHIFT, for _gemv_int4_kernel."""
     xs = x.float() * 2.0 ** -GEMV_SHIFT
-    pairs = xs.view(-1, 8)[:, list(PAIRS)].view(-1, 4, 2).transpose(0, 1).to(torch.float16)  # (4, K / 8, 2)
+    pairs = xs.view(-1, 2, 2, 2).flip(-1).permute(2, 3, 0, 1).reshape(4, -1, 2).to(torch.float16)  # (4, K / 8, 2)
     return pairs.contiguous().view(torch.int32).squeeze(-1), xs.view(-1, group).sum(-1)
 
 def dense_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], group: int, swiglu: bool,
