@@ -315,6 +315,7 @@ def _gemv_loads(w_ptrs, s_ptrs, cmask, EVEN_N: tl.constexpr):
     return (tl.load(w_ptrs, mask=cmask[:, None], other=0, eviction_policy="evict_first"),
             tl.load(s_ptrs, mask=cmask, other=0))
 
+
 @triton.jit
 def _dequant_int4_kernel(W, S, Out, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     # one group of GROUP input channels of BLOCK_N output channels: (BLOCK_N, GROUP) weights out
@@ -522,21 +523,17 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     if P == 1 and not act:
         return part  # (M, N)
     y = part if P == 1 else part.sum(0) if late is None else late.float() + part.sum(0)  # (M, N) fp32
-    if act:
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up  # (M, N / 2)
-    return y.to(dtype)  # rounded once
-
-
-PAIRS = (1, 5, 0, 4, 3, 7, 2, 6)  # a word's channels in _gemv_int4_kernel's pairs: nibble t is channel t ^ 1
+    return (swiglu_activation(y) if act else y).to(dtype)  # rounded once
 
 
 def gemv_input(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
-    """x (1, K) -> (4, K / 8) int32, x's fp16 pairs in PAIRS order, and (K / group,) fp32 its groups' sums,
-    both scaled by 2^-GEMV_SHIFT, for _gemv_int4_kernel."""
+    """x (1, K) -> (4, K / 8) int32 and (K / group,) fp32, both scaled by 2^-GEMV_SHIFT, for _gemv_int4_kernel:
+    [t, c] x's fp16 pair for nibbles t and t + 4 of word c, channels 8c + (t ^ 1) and 8c + 4 + (t ^ 1)
+    (channels 1 5, 0 4, 3 7, 2 6), and the groups' sums of x."""
     xs = x.float() * 2.0 ** -GEMV_SHIFT
     pairs = xs.view(-1, 2, 2, 2).flip(-1).permute(2, 3, 0, 1).reshape(4, -1, 2).to(torch.float16)  # (4, K / 8, 2)
     return pairs.contiguous().view(torch.int32).squeeze(-1), xs.view(-1, group).sum(-1)
+
 
 def dense_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], group: int, swiglu: bool,
                  residual: Optional[Tensor], eager: bool) -> Tensor:

@@ -34,7 +34,7 @@ try:  # the fused w8a16 / w4a16 Triton kernels for CUDA; CPU-only installs have 
     import linear_triton
     from linear_triton import forward_linear as triton_linear
 except ImportError:
-    triton_linear = None
+    triton_linear = linear_triton = None
 
 MODES = ("int8", "int4")
 GROUPSIZES = (32, 64, 128, 256)  # powers of two: whole tiles of the Triton kernels (linear_triton.py)
@@ -175,7 +175,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         rows = x.numel() // self.in_features
         if (self.tinygemm is not None and x.is_cuda and x.dtype == torch.bfloat16
-                and linear_triton.GEMV_ROWS < rows <= TINYGEMM_ROWS):  # GEMV_ROWS rows or fewer: Triton's GEMV
+                and (linear_triton.GEMV_ROWS if linear_triton else 0) < rows <= TINYGEMM_ROWS):  # fewer: Triton's GEMV
             y = torch._weight_int4pack_mm(x.reshape(rows, -1), self.tinygemm, self.groupsize, self.scales_and_zeros)
             return epilogue(y.reshape(*x.shape[:-1], self.out_features), self.swiglu, residual)
         if triton_linear is not None and x.is_cuda:  # one Triton kernel: half a byte read per weight

@@ -48,10 +48,10 @@ def int8_f16(wide: bool, narrow: bool):
     return lt, "default_tiles", default_tiles
 
 
-VARIANTS = {"main": lambda: None, "int4-gemv": lambda: (lt, "GEMV_ROWS", 1), "int4-tinygemm": lambda: (lt, "GEMV_ROWS", 0),
-            "context-1-wave": lambda: context_waves(1),
+VARIANTS = {"main": lambda: None, "context-1-wave": lambda: context_waves(1),
             "context-4-waves": lambda: context_waves(4), "int8-bf16": lambda: int8_f16(False, False),
-            "int8-f16-all": lambda: int8_f16(True, True)}
+            "int8-f16-all": lambda: int8_f16(True, True),
+            "int4-gemv": lambda: (lt, "GEMV_ROWS", 1), "int4-tinygemm": lambda: (lt, "GEMV_ROWS", 0)}
 
 
 def caches_off() -> contextlib.ExitStack:
