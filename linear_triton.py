@@ -12,8 +12,9 @@
 #   (quantize.py's layout), half a byte per weight. With bf16 x on a GPU (groups of 64 or more) each
 #   weight is dequantized to bf16 in registers (DEQ); else the raw nibbles are multiplied on the tensor
 #   cores and each group's scale and zero point applied to the partial product. At one row (n = 1) int4
-#   can take a kernel of its own on the CUDA cores instead (Tiles.gemv, _gemv_int4_kernel), opt-in
-#   (GEMV_ROWS): on the H100 it was slower than PyTorch's int4 kernel (bench/results/h100-80gb-hbm3/int4-gemv.md).
+#   can take a kernel of its own on the CUDA cores (Tiles.gemv, _gemv_int4_kernel, up to GEMV_ROWS rows),
+#   which streams whole rows: faster than PyTorch's int4 kernel layer by layer on the H100, not yet timed
+#   in whole steps, so off by default (bench/results/h100-80gb-hbm3/int4-gemv.md).
 # Above MAX_M rows (prefill) the product is compute-bound: the weight goes to x's dtype (int8, int4:
 # one Triton pass) and cuBLAS multiplies; an eager prefill gets there without the op (forward_linear).
 # Each program owns BLOCK_N output channels of all M rows over one slice of K (split-K): the splits
@@ -46,7 +47,7 @@ MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0), torch
 # exact from 2^-10 up (fp16's normal numbers, times 16), below that within 2^-21: far under bf16's own
 # rounding of x (2^-9 of each value)
 X_SHIFT = 4
-GEMV_ROWS = 0  # int4 up to this many rows (0 or 1): the CUDA-core kernel (Tiles.gemv) by default; 0: measured slower
+GEMV_ROWS = 0  # int4 up to this many rows (0 or 1): the CUDA-core kernel (Tiles.gemv); 0 until timed in whole steps
 MAX_M = 64  # above this (prefill) the product is compute-bound: cuBLAS does it
 WIDE = 8192  # output channels from which a layer counts as wide (its tiles)
 NARROW = 4096  # bf16 layers from this many output channels take the kernel (128 programs of 32 fill the SMs)
@@ -216,8 +217,9 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
 
 
 # int4 at one row (GEMV: n = 1 decoding) on the CUDA cores, where the tensor-core kernel's 16-row tile
-# wastes 15 rows and reshuffles the weight through shared memory: each thread streams 16 bytes of a weight
-# row a load as four 32-bit words, 8 nibbles each. Nibble t of word c is input channel 8c + (t ^ 1)
+# wastes 15 rows and reshuffles the weight through shared memory. A program streams a few whole rows,
+# which lie next to each other in memory (no splits of K: the epilogue adds the residual or applies the
+# activation); each thread loads 16 bytes of a row at a time as four 32-bit words, 8 nibbles each. Nibble t of word c is input channel 8c + (t ^ 1)
 # (quantize.py's bytes: channel 2i in the high nibble). Packed fp16 arithmetic, no conversion
 # instruction: two nibbles a LOP3 as the halves 1024 + q (bits 0-3 and 16-19) or 1024 + 16 q (bits 4-7,
 # 20-23), to q - 8 exactly by one HFMA2, times x's fp16 pairs by four more, about 22 instructions a word
@@ -259,61 +261,63 @@ def _word(w, p0, p1, p2, p3, WORD: tl.constexpr):
 
 
 @triton.jit
-def _gemv_group(acc, zsum, w, sz, xp, g_ptr, KW: tl.constexpr, WORD: tl.constexpr):
-    # one group's words w (BLOCK_N, BW) and (scale, zero) words sz (BLOCK_N,) into acc and zsum
-    part = _word(w, tl.load(xp), tl.load(xp + KW), tl.load(xp + 2 * KW), tl.load(xp + 3 * KW), WORD)
-    acc += part * (sz << 16).to(tl.float32, bitcast=True)[:, None]  # the scale: bf16 in the low half
-    return acc, zsum + (sz & -65536).to(tl.float32, bitcast=True) * tl.load(g_ptr)
-
-
-@triton.jit
-def _gemv_int4_kernel(XP, XG, W, S, Out, Res, N, CHUNK, KW: tl.constexpr, BLOCK_N: tl.constexpr,
-                      GROUP: tl.constexpr, UNROLL: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_N: tl.constexpr,
-                      X_SCALE: tl.constexpr, WORD: tl.constexpr):
-    # XP (4, KW) int32: [t, c] x's fp16 pair for nibbles t and t + 4 of word c; XG (K / GROUP,) fp32 the
-    # groups' sums of x (both scaled by 2^-GEMV_SHIFT); W (N, KW) int32 words; S as run_linear's
+def _gemv_int4_kernel(XP, XG, W, S, Out, Res, N, KG, KW: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_G: tl.constexpr, GROUP: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                      EVEN_N: tl.constexpr, EVEN_G: tl.constexpr, X_SCALE: tl.constexpr, WORD: tl.constexpr):
+    # XP (4, KW) int32: [t, c] x's fp16 pair for nibbles t and t + 4 of word c; XG (KG,) fp32 the KG groups'
+    # sums of x (both scaled by 2^-GEMV_SHIFT); W (N, KW) int32 words; S as run_linear's. Each program:
+    # BLOCK_N whole rows, BLOCK_G groups of each a step, as a (BLOCK_N, BLOCK_G, BW) tile of words whose
+    # rows lie next to each other in memory: one contiguous stretch a step where a step is a whole row
     BW: tl.constexpr = GROUP // 8  # words of a row per group
-    nb, split = tl.program_id(0), tl.program_id(1)
-    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    start = split * CHUNK  # in words
+    nb = tl.program_id(0)
+    i = tl.arange(0, BLOCK_N)
+    if SWIGLU:  # the weight's rows of this program: gate f, up f, gate f + 1, up f + 1, ...
+        f = nb * (BLOCK_N // 2) + i // 2
+        cols = f + (i % 2) * (N // 2)
+        cmask = f < N // 2
+    else:
+        cols = nb * BLOCK_N + i
+        cmask = cols < N
+    g = tl.arange(0, BLOCK_G)
     c = tl.arange(0, BW)
-    w_ptrs = W.to(tl.pointer_type(tl.int32)) + cols[:, None].to(tl.int64) * KW + start + c[None, :]
-    s_ptrs = S.to(tl.pointer_type(tl.int32)) + start // BW * N + cols  # (scale, zero) as one word
-    x_ptrs = XP + start + c[None, :] + 0 * cols[:, None]  # in the weight tile's shape: no layout conversion
-    g_ptr = XG + start // BW
-    acc = tl.zeros([BLOCK_N, BW], tl.float32)
-    zsum = tl.zeros([BLOCK_N], tl.float32)  # sum over groups of zero x (group's sum)
-    # UNROLL groups a step: their loads go out together, before any of their arithmetic
-    for k0 in range(start, tl.minimum(start + CHUNK, KW), BW * UNROLL):
-        w, sz = _gemv_loads(w_ptrs, s_ptrs, cmask, EVEN_N)  # (BLOCK_N, BW), (BLOCK_N,)
-        if UNROLL >= 2:
-            w1, sz1 = _gemv_loads(w_ptrs + BW, s_ptrs + N, cmask, EVEN_N)
-        if UNROLL == 4:
-            w2, sz2 = _gemv_loads(w_ptrs + 2 * BW, s_ptrs + 2 * N, cmask, EVEN_N)
-            w3, sz3 = _gemv_loads(w_ptrs + 3 * BW, s_ptrs + 3 * N, cmask, EVEN_N)
-        acc, zsum = _gemv_group(acc, zsum, w, sz, x_ptrs, g_ptr, KW, WORD)
-        if UNROLL >= 2:
-            acc, zsum = _gemv_group(acc, zsum, w1, sz1, x_ptrs + BW, g_ptr + 1, KW, WORD)
-        if UNROLL == 4:
-            acc, zsum = _gemv_group(acc, zsum, w2, sz2, x_ptrs + 2 * BW, g_ptr + 2, KW, WORD)
-            acc, zsum = _gemv_group(acc, zsum, w3, sz3, x_ptrs + 3 * BW, g_ptr + 3, KW, WORD)
-        x_ptrs += BW * UNROLL
-        w_ptrs += BW * UNROLL
-        s_ptrs += N * UNROLL
-        g_ptr += UNROLL
-    y = (tl.sum(acc, axis=1) + zsum) * X_SCALE
-    if RESIDUAL:
-        y += tl.load(Res + cols, mask=cmask, other=0.0).to(tl.float32)
-    tl.store(Out + split * N + cols, y.to(Out.dtype.element_ty), mask=cmask)
-
-
-@triton.jit
-def _gemv_loads(w_ptrs, s_ptrs, cmask, EVEN_N: tl.constexpr):
-    if EVEN_N:  # no masks: a masked load first zeroes its registers
-        return tl.load(w_ptrs, eviction_policy="evict_first"), tl.load(s_ptrs)
-    return (tl.load(w_ptrs, mask=cmask[:, None], other=0, eviction_policy="evict_first"),
-            tl.load(s_ptrs, mask=cmask, other=0))
+    r3 = cols[:, None, None].to(tl.int64) * KW  # (BLOCK_N, 1, 1)
+    gc = g[None, :, None] * BW + c[None, None, :]  # (1, BLOCK_G, BW): a word's place in the step
+    w_ptrs = W.to(tl.pointer_type(tl.int32)) + r3 + gc
+    x_ptrs = XP + gc + 0 * r3  # in the weight tile's shape: no layout conversion
+    s_ptrs = S.to(tl.pointer_type(tl.int32)) + g[None, :] * N + cols[:, None]  # (BLOCK_N, BLOCK_G) (scale, zero)
+    g_ptrs = XG + g[None, :] + 0 * cols[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_G, BW], tl.float32)
+    zsum = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)  # zero points times the groups' sums of x
+    for g0 in range(0, KG, BLOCK_G):
+        if EVEN_N and EVEN_G:  # no masks: a masked load first zeroes its registers
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+            sz = tl.load(s_ptrs)
+            xg = tl.load(g_ptrs)
+            p0, p1, p2, p3 = tl.load(x_ptrs), tl.load(x_ptrs + KW), tl.load(x_ptrs + 2 * KW), tl.load(x_ptrs + 3 * KW)
+        else:
+            gmask = (g0 + g < KG)[None, :] & cmask[:, None]  # (BLOCK_N, BLOCK_G)
+            w = tl.load(w_ptrs, mask=gmask[:, :, None], other=0, eviction_policy="evict_first")
+            sz = tl.load(s_ptrs, mask=gmask, other=0)
+            xg = tl.load(g_ptrs, mask=gmask, other=0.0)
+            m = gmask[:, :, None]
+            p0, p1 = tl.load(x_ptrs, mask=m, other=0), tl.load(x_ptrs + KW, mask=m, other=0)
+            p2, p3 = tl.load(x_ptrs + 2 * KW, mask=m, other=0), tl.load(x_ptrs + 3 * KW, mask=m, other=0)
+        part = _word(w, p0, p1, p2, p3, WORD)
+        acc += part * (sz << 16).to(tl.float32, bitcast=True)[:, :, None]  # the scale: bf16 in the low half
+        zsum += (sz & -65536).to(tl.float32, bitcast=True) * xg
+        w_ptrs += BLOCK_G * BW
+        x_ptrs += BLOCK_G * BW
+        s_ptrs += BLOCK_G * N
+        g_ptrs += BLOCK_G
+    y = (tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(zsum, axis=1)) * X_SCALE  # (BLOCK_N,)
+    if SWIGLU:  # y (N / 2,) = silu(gate) * up
+        gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
+        f = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(Out + f, (gate * tl.sigmoid(gate) * up).to(Out.dtype.element_ty), mask=f < N // 2)
+    else:
+        if RESIDUAL:  # y = residual + x W^T, rounded once
+            y += tl.load(Res + cols, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(Out + cols, y.to(Out.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -434,8 +438,9 @@ def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: boo
             return Tiles(block_n=64, block_k=128, waves=1, stages=4, f16=True) if swiglu else Tiles(
                 block_k=256, stages=3, f16=True)
         return Tiles(block_k=128, waves=3)
-    if kind == "int4":
-        return Tiles(block_n=128, block_k=256, waves=1, stages=1, gemv=True) if M <= GEMV_ROWS else Tiles(
+    if kind == "int4":  # one row: 4 whole rows a program, 1024 channels a step (fastest over the 4 layers, H100,
+        # bench/results/h100-80gb-hbm3/int4-gemv.md)
+        return Tiles(block_n=4, block_k=1024, stages=1, gemv=True) if M <= GEMV_ROWS else Tiles(
             block_n=64, block_k=128, stages=3)
     block_m = max(16, triton.next_power_of_2(M)) if row_tiles else 16  # linear_plan's
     if block_m >= 32 and wide:
@@ -485,45 +490,50 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         x, x_scale = (x * 2.0 ** -X_SHIFT).to(torch.float16), 2.0 ** X_SHIFT
     if group and scales.storage_offset() % 2:  # the kernel reads each (scale, zero) pair as one 32-bit word
         scales = scales.clone()
-    gemv = tiles.gemv and group and M == 1 and group % 8 == 0
-    if gemv:  # a step of UNROLL whole groups, where K holds whole such steps
-        unroll = next(u for u in (4, 2, 1) if u * group <= max(group, tiles.block_k or 0) and K % (u * group) == 0)
-    block_k = (group * unroll if gemv else min(group, tiles.block_k or 128) if group else
-               tiles.block_k or 256 // weight.element_size())
-    # the activation needs the whole sum over K: one split, or (GEMV) after the splits' sum, where Inductor
-    # fuses it
-    act, swiglu = (swiglu, False) if gemv else (False, swiglu)
-    if swiglu:
+    if tiles.gemv and group and M == 1 and group % 8 == 0:
+        return run_gemv(x, weight, scales, tiles, group, swiglu, residual)
+    block_k = min(group, tiles.block_k or 128) if group else tiles.block_k or 256 // weight.element_size()
+    if swiglu:  # the activation needs the whole sum over K: one split
         tiles = dataclasses.replace(tiles, splits=1)
     block_m, P, chunk = linear_plan(M, N, K, block_k, n_sm, tiles)
     # the residual add: in the kernel's epilogue with one split, else where the splits are summed
     residual, late = (None, residual) if P > 1 else (residual, None)
     # one split: y itself, in x's dtype; else fp32 partials (P, M, N), summed below
     part = torch.empty((M, N // 2) if swiglu else (M, N) if P == 1 else (P, M, N), device=x.device,
-                       dtype=dtype if P == 1 and not act else torch.float32)
+                       dtype=dtype if P == 1 else torch.float32)
     residual = None if residual is None else residual.contiguous()
     grid = (triton.cdiv(N, tiles.block_n), P)
-    if gemv:  # x's fp16 pairs and groups' sums: under torch.compile in the kernel that makes x
-        xp, xg = gemv_input(x, group)
-        torch.library.wrap_triton(_gemv_int4_kernel)[grid](
-            xp, xg, weight, scales, part, x if residual is None else residual, N, chunk // 8, KW=K // 8,
-            BLOCK_N=tiles.block_n, GROUP=group, UNROLL=unroll, RESIDUAL=residual is not None,
-            EVEN_N=N % tiles.block_n == 0, X_SCALE=2.0 ** GEMV_SHIFT, WORD=_WORD if x.is_cuda else None,
-            num_warps=tiles.warps, num_stages=tiles.stages)
-    else:
-        torch.library.wrap_triton(_linear_kernel)[grid](
-            x, weight, weight if scales is None else scales, part, x if residual is None else residual,
-            M, N, K, chunk,  # S unused unless SCALED, Res unless RESIDUAL
-            SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP=group,
-            EVEN_K=K % block_k == 0, SWIGLU=swiglu, RESIDUAL=residual is not None,
-            MAGIC=MAGIC[x.dtype][0], BIAS=MAGIC[x.dtype][1],
-            DEQ=(_DEQUANT_INT4 if group and x.dtype == scales.dtype == torch.bfloat16 and x.is_cuda and block_k >= 64
-                 else None),
-            I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale, num_warps=tiles.warps, num_stages=tiles.stages)
-    if P == 1 and not act:
+    torch.library.wrap_triton(_linear_kernel)[grid](
+        x, weight, weight if scales is None else scales, part, x if residual is None else residual,
+        M, N, K, chunk,  # S unused unless SCALED, Res unless RESIDUAL
+        SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP=group,
+        EVEN_K=K % block_k == 0, SWIGLU=swiglu, RESIDUAL=residual is not None,
+        MAGIC=MAGIC[x.dtype][0], BIAS=MAGIC[x.dtype][1],
+        DEQ=(_DEQUANT_INT4 if group and x.dtype == scales.dtype == torch.bfloat16 and x.is_cuda and block_k >= 64
+             else None),
+        I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale, num_warps=tiles.warps, num_stages=tiles.stages)
+    if P == 1:
         return part  # (M, N)
-    y = part if P == 1 else part.sum(0) if late is None else late.float() + part.sum(0)  # (M, N) fp32
-    return (swiglu_activation(y) if act else y).to(dtype)  # rounded once
+    return (part.sum(0) if late is None else late.float() + part.sum(0)).to(dtype)  # rounded once
+
+
+def run_gemv(x: Tensor, weight: Tensor, scales: Tensor, tiles: Tiles, group: int, swiglu: bool,
+             residual: Optional[Tensor]) -> Tensor:
+    # run_linear's int4 at one row on the CUDA cores (_gemv_int4_kernel): tiles.block_n whole rows a program
+    # (with swiglu, block_n / 2 gate rows and their up rows), tiles.block_k input channels of each a step
+    # (whole groups, a power of 2 of them; None: 4096), no splits of K: the activation or the residual add in
+    # the epilogue
+    N, K = weight.shape[0], x.shape[1]
+    xp, xg = gemv_input(x, group)  # under torch.compile in the kernel that makes x
+    block_g = min(triton.next_power_of_2(K // group), max(1, (tiles.block_k or 4096) // group))
+    block_g = 1 << (block_g.bit_length() - 1)  # whole groups, a power of 2 of them
+    out = torch.empty(1, N // 2 if swiglu else N, device=x.device, dtype=x.dtype)
+    torch.library.wrap_triton(_gemv_int4_kernel)[(triton.cdiv(N, tiles.block_n),)](
+        xp, xg, weight, scales, out, x if residual is None else residual.contiguous(), N, K // group, KW=K // 8,
+        BLOCK_N=tiles.block_n, BLOCK_G=block_g, GROUP=group, SWIGLU=swiglu, RESIDUAL=residual is not None,
+        EVEN_N=N % tiles.block_n == 0, EVEN_G=(K // group) % block_g == 0, X_SCALE=2.0 ** GEMV_SHIFT,
+        WORD=_WORD if x.is_cuda else None, num_warps=tiles.warps, num_stages=tiles.stages)
+    return out
 
 
 def gemv_input(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
@@ -531,8 +541,11 @@ def gemv_input(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
     [t, c] x's fp16 pair for nibbles t and t + 4 of word c, channels 8c + (t ^ 1) and 8c + 4 + (t ^ 1)
     (channels 1 5, 0 4, 3 7, 2 6), and the groups' sums of x."""
     xs = x.float() * 2.0 ** -GEMV_SHIFT
-    pairs = xs.view(-1, 2, 2, 2).flip(-1).permute(2, 3, 0, 1).reshape(4, -1, 2).to(torch.float16)  # (4, K / 8, 2)
-    return pairs.contiguous().view(torch.int32).squeeze(-1), xs.view(-1, group).sum(-1)
+    h = xs.to(torch.float16).view(torch.int16).view(-1, 8).to(torch.int32)  # (K / 8, 8) fp16 bits
+    # the halves joined by integer arithmetic (a dtype view of fp16 pairs as int32 needs a contiguous tensor,
+    # which Inductor does not promise for one it computes); stacked: contiguous rows
+    pairs = torch.stack([(h[:, t ^ 1] & 0xFFFF) | (h[:, 4 + (t ^ 1)] << 16) for t in range(4)])  # (4, K / 8)
+    return pairs, xs.view(-1, group).sum(-1)
 
 
 def dense_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], group: int, swiglu: bool,

@@ -374,13 +374,13 @@ def test_linear_kernel_int4_in_bf16(group, M, swiglu):
         assert rel_err(linear_triton.run_linear(x, packed, sz, group=group, residual=res), ref + res.double()) < 1e-2
 
 
-@pytest.mark.parametrize("tiles", [(32, 128, 1), (64, 256, 2), (128, 512, 8), (64, 512, 4)],
-                         ids=lambda t: "n%d-k%d-w%d" % t)
+@pytest.mark.parametrize("tiles", [(4, None, 4), (8, 512, 4), (2, 128, 2), (16, 1024, 8), (64, 256, 4)],
+                         ids=lambda t: "n%d-k%s-w%d" % t)
 @pytest.mark.parametrize("M", [1, 3])  # 3: the tensor-core kernel, whatever the tiles ask
 def test_linear_kernel_int4_gemv(M, tiles):
-    # int4 at one row on the CUDA cores (Tiles.gemv): nibbles to fp16 and the products by inline PTX, 1, 2 or
-    # 4 groups a step (block_k), splits of K (waves), N not a multiple of the tile, zero points that
-    # matter; plain, residual, swiglu
+    # int4 at one row on the CUDA cores (Tiles.gemv): nibbles to fp16 and the products by inline PTX, rows a
+    # program, groups a step (20 of them: the last step masked), N not a multiple of the program's rows,
+    # zero points that matter; plain, residual, swiglu
     linear_triton = pytest.importorskip("linear_triton")
     N, K, group = 1000, 2560, 128
     g = torch.Generator("cuda").manual_seed(M)
@@ -389,7 +389,7 @@ def test_linear_kernel_int4_gemv(M, tiles):
     res = torch.randn(M, N, generator=g, device="cuda").to(torch.bfloat16)  # (M, N)
     packed, sz = quantize.quantize_int4(w, group)
     ref = x.double() @ quantize.dequantize_int4(packed, sz, group).double().t()  # (M, N)
-    t = linear_triton.Tiles(block_n=tiles[0], block_k=tiles[1], waves=tiles[2], stages=1, gemv=True)
+    t = linear_triton.Tiles(block_n=tiles[0], block_k=tiles[1], warps=tiles[2], stages=1, gemv=True)
     run = lambda **kw: linear_triton.run_linear(x, packed, sz, tiles=t, group=group, **kw)
     assert rel_err(run(), ref) < 1e-2
     assert rel_err(run(residual=res), ref + res.double()) < 1e-2
@@ -406,7 +406,7 @@ def test_linear_kernel_int4_gemv_range():
     x = x.to(torch.bfloat16)[:, torch.randperm(K, generator=g, device="cuda")]  # (1, K)
     packed, sz = quantize.quantize_int4(torch.randn(N, K, generator=g, device="cuda") * 0.02, group)
     ref = x.double() @ quantize.dequantize_int4(packed, sz, group).double().t()  # (1, N)
-    out = linear_triton.run_linear(x, packed, sz, tiles=linear_triton.Tiles(block_n=64, stages=1, gemv=True),
+    out = linear_triton.run_linear(x, packed, sz, tiles=linear_triton.Tiles(block_n=4, stages=1, gemv=True),
                                    group=group)
     assert out.isfinite().all() and rel_err(out, ref) < 1e-2
 
@@ -502,6 +502,8 @@ def test_quantized_layers_take_epilogues(mode, monkeypatch):
         assert rel_err(model(idx[:, :1], pos[:1])[:, 0], ref[:, 0]) < 1e-2  # 4 rows
         compiled = torch.compile(model, fullgraph=True, dynamic=False)  # the kernel's arguments in Inductor's code
         assert rel_err(compiled(idx[:, :1], pos[:1])[:, 0], ref[:, 0]) < 1e-2
+        monkeypatch.setattr(linear_triton, "GEMV_ROWS", 1)  # one row: int4's GEMV, x's fp16 pairs made by Inductor
+        assert rel_err(compiled(idx[:1, :1], pos[:1])[:, 0], ref[:1, 0]) < 1e-2
         for module in model.modules():  # int4: 4 rows on PyTorch's kernel, the residual added after it
             if hasattr(module, "pack_for_cuda"):
                 module.pack_for_cuda()

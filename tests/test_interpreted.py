@@ -117,10 +117,11 @@ for M, N, K in [(3, 64, 256), (1, 48, 160), (17, 96, 512)]:  # rows, output and 
         t4 = lt.Tiles(block_n=tiles.block_n, block_k=32, splits=tiles.splits)  # within a group of 32
         worst = max(worst, rel(lt.run_linear(x, packed, sz, tiles=t4, group=32), ref4))
         worst = max(worst, rel(lt.run_linear(x, packed, sz, tiles=t4, group=32, swiglu=True), swiglu(ref4)))
-    # int4 at one row on the CUDA cores (Tiles.gemv: with x's fp16 pairs, x rounded to fp16, 2^-11): one group
-    # a step, or two (block_k 64); more rows take the tensor-core kernel
-    for tiles in (lt.Tiles(block_n=32, block_k=64, gemv=True), lt.Tiles(block_n=16, splits=1, gemv=True),
-                  lt.Tiles(block_n=64, splits=3, gemv=True)):
+    # int4 at one row on the CUDA cores (Tiles.gemv: with x's fp16 pairs, x rounded to fp16, 2^-11): two
+    # groups a step (block_k 64), one, the whole row (a power of 2 of groups, masked past K), rows not a
+    # multiple of the program's; more rows take the tensor-core kernel
+    for tiles in (lt.Tiles(block_n=32, block_k=64, gemv=True), lt.Tiles(block_n=2, block_k=32, gemv=True),
+                  lt.Tiles(block_n=4, gemv=True)):
         for kw, expected in [({}, ref4), (dict(residual=res), ref4 + res), (dict(swiglu=True), swiglu(ref4))]:
             err = rel(lt.run_linear(x, packed, sz, tiles=tiles, group=32, **kw), expected)
             worst, worst16 = (worst, max(worst16, err)) if M == 1 else (max(worst, err), worst16)
@@ -183,3 +184,19 @@ def test_linear_tiles_by_rows_where_measured_faster(monkeypatch):
             on_h100 = lt.default_tiles("bf16", N, M, 132, row_tiles=False)
             assert on_h100 == lt.default_tiles("bf16", N, 1, 132)
         assert lt.default_tiles("bf16", 22016, M, 132) != lt.default_tiles("bf16", 22016, 1, 132)
+
+
+def test_gemv_input_compiled_matches_eager():
+    # int4's one-row kernel reads x's fp16 pairs as contiguous (4, K / 8) int32 rows; under torch.compile
+    # Inductor makes them in the kernel of the op before (the norm; a dtype view of a tensor it computes
+    # failed there). Here one that rounds nothing
+    lt = pytest.importorskip("linear_triton")
+    x = torch.randn(1, 512).to(torch.bfloat16)
+    op = lambda x: lt.gemv_input(x * 2, 64)
+    (pairs, sums), (pairs_c, sums_c) = op(x), torch.compile(op, fullgraph=True)(x)
+    assert pairs.shape == (4, 64) and pairs.is_contiguous() and pairs_c.is_contiguous()
+    assert torch.equal(pairs, pairs_c) and torch.allclose(sums, sums_c)
+    # [t, c]: the fp16 bits of channels 8c + (t ^ 1) (low half) and 8c + 4 + (t ^ 1) (high half)
+    bits = (x.float() * 2.0 ** -lt.GEMV_SHIFT).to(torch.float16).view(torch.int16).view(-1, 8)
+    p, _ = lt.gemv_input(x, 64)
+    assert (p[2, 5] & 0xFFFF).item() == bits[5, 3].item() & 0xFFFF and (p[1, 7] >> 16).item() == bits[7, 4].item()
