@@ -220,23 +220,26 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
 # int4 at one row (GEMV: n = 1 decoding) on the CUDA cores, where the tensor-core kernel's 16-row tile
 # wastes 15 rows and reshuffles the weight through shared memory. A program streams a few whole rows,
 # which lie next to each other in memory (no splits of K: the epilogue adds the residual or applies the
-# activation); each thread loads 16 bytes of a row at a time as four 32-bit words, 8 nibbles each. Nibble t of word c is input channel 8c + (t ^ 1)
-# (quantize.py's bytes: channel 2i in the high nibble). Packed fp16 arithmetic, no conversion
-# instruction: two nibbles a LOP3 as the halves 1024 + q (bits 0-3 and 16-19) or 1024 + 16 q (bits 4-7,
-# 20-23), to q - 8 exactly by one HFMA2, times x's fp16 pairs by four more, about 22 instructions a word
-# (scripts/sass_loop.py gemv). A step is whole groups: w = (q - 8) scale + zero, so x.w = scale x.(q - 8)
-# + zero sum(x), the groups' sums of x coming from the wrapper. x comes scaled by 2^-GEMV_SHIFT (fp16 holds
-# bf16's values exactly from 2^-14 up, times 2^GEMV_SHIFT; a word's 8 products stay below fp16's largest
-# number while |x| < 2^(GEMV_SHIFT + 10)), its pairs in the nibbles' order; a word's two halves are
-# added in fp16 and the sum goes on in fp32.
+# activation); each thread loads 16 bytes of a row at a time as four 32-bit words, 8 nibbles each. Nibble
+# t of word c is input channel 8c + (t ^ 1) (quantize.py's bytes: channel 2i in the high nibble). Packed
+# fp16 arithmetic, no conversion instruction: two nibbles a LOP3 as the halves 1024 + q (bits 0-3 and
+# 16-19) or 1024 + 16 q (bits 4-7, 20-23), to q - 8 exactly by one HFMA2, times x's fp16 pairs by four
+# more, and the sum of the word's 8 x by three packed adds: about 28 instructions a word
+# (scripts/sass_loop.py gemv). w = (q - 8) scale + zero, so x.w = scale x.(q - 8) + zero sum(x), per group.
+# x comes scaled by 2^-GEMV_SHIFT (fp16 holds bf16's values exactly from 2^-14 up, times 2^GEMV_SHIFT; a
+# word's 8 products stay below fp16's largest number while |x| < 2^(GEMV_SHIFT + 10)), its pairs in the
+# nibbles' order (gemv_input); a word's two halves are added in fp16 and the sums go on in fp32.
 def _word_asm() -> str:
     lines = ["{", ".reg .b32 h, a, b, c, d, m, o, s, f;", ".reg .b16 lo, hi;", "mov.b32 m, 0x64006400;",
-             "mov.b32 o, 0x64086408;", "mov.b32 s, 0x2C002C00;", "mov.b32 f, 0xD480D480;", "shr.u32 h, $1, 8;",
-             "lop3.b32 a, $1, 0x000F000F, m, 0xEA;", "lop3.b32 b, $1, 0x00F000F0, m, 0xEA;",
+             "mov.b32 o, 0x64086408;", "mov.b32 s, 0x2C002C00;", "mov.b32 f, 0xD480D480;", "shr.u32 h, $2, 8;",
+             "lop3.b32 a, $2, 0x000F000F, m, 0xEA;", "lop3.b32 b, $2, 0x00F000F0, m, 0xEA;",
              "lop3.b32 c, h, 0x000F000F, m, 0xEA;", "lop3.b32 d, h, 0x00F000F0, m, 0xEA;",
              "sub.rn.f16x2 a, a, o;", "fma.rn.f16x2 b, b, s, f;", "sub.rn.f16x2 c, c, o;", "fma.rn.f16x2 d, d, s, f;",
-             "mul.rn.f16x2 a, a, $2;", "fma.rn.f16x2 a, b, $3, a;", "fma.rn.f16x2 a, c, $4, a;",
-             "fma.rn.f16x2 a, d, $5, a;", "mov.b32 {lo, hi}, a;", "add.rn.f16 lo, lo, hi;", "cvt.f32.f16 $0, lo;", "}"]
+             "mul.rn.f16x2 a, a, $3;", "fma.rn.f16x2 a, b, $4, a;", "fma.rn.f16x2 a, c, $5, a;",
+             "fma.rn.f16x2 a, d, $6, a;", "mov.b32 {lo, hi}, a;", "add.rn.f16 lo, lo, hi;", "cvt.f32.f16 $0, lo;",
+             # the sum of the word's 8 x, for the zero points
+             "add.rn.f16x2 a, $3, $4;", "add.rn.f16x2 b, $5, $6;", "add.rn.f16x2 a, a, b;", "mov.b32 {lo, hi}, a;",
+             "add.rn.f16 lo, lo, hi;", "cvt.f32.f16 $1, lo;", "}"]
     return " ".join(lines)
 
 
@@ -246,27 +249,34 @@ GEMV_SHIFT = 8
 
 @triton.jit
 def _half_pair(p, w, T: tl.constexpr):
-    # the interpreter's way: x's fp16 pair p (nibbles T and T + 4 of w) times those nibbles - 8, in fp32
+    # the interpreter's way: x's fp16 pair p (nibbles T and T + 4 of w): its products with those nibbles - 8
+    # and its sum, in fp32
     lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     hi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return lo * (((w >> (4 * T)) & 15) - 8).to(tl.float32) + hi * (((w >> (4 * T + 16)) & 15) - 8).to(tl.float32)
+    dot = lo * (((w >> (4 * T)) & 15) - 8).to(tl.float32) + hi * (((w >> (4 * T + 16)) & 15) - 8).to(tl.float32)
+    return dot, lo + hi
 
 
 @triton.jit
 def _word(w, p0, p1, p2, p3, WORD: tl.constexpr):
-    # sum over a word's 8 channels of (q - 8) x, x's pairs p0-p3 (nibbles 0 and 4, 1 and 5, 2 and 6, 3 and 7)
+    # over a word's 8 channels: the sum of (q - 8) x, and of x; x's pairs p0-p3 (nibbles 0 and 4, 1 and 5, 2 and
+    # 6, 3 and 7)
     if WORD is not None:
-        return tl.inline_asm_elementwise(asm=WORD, constraints="=r,r,r,r,r,r", args=[w, p0, p1, p2, p3],
-                                         dtype=tl.float32, is_pure=True, pack=1)
-    return _half_pair(p0, w, 0) + _half_pair(p1, w, 1) + _half_pair(p2, w, 2) + _half_pair(p3, w, 3)
+        return tl.inline_asm_elementwise(asm=WORD, constraints="=r,=r,r,r,r,r,r", args=[w, p0, p1, p2, p3],
+                                         dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    d0, s0 = _half_pair(p0, w, 0)
+    d1, s1 = _half_pair(p1, w, 1)
+    d2, s2 = _half_pair(p2, w, 2)
+    d3, s3 = _half_pair(p3, w, 3)
+    return d0 + d1 + d2 + d3, s0 + s1 + s2 + s3
 
 
 @triton.jit
-def _gemv_int4_kernel(XP, XG, W, S, Out, Res, N, KG, KW: tl.constexpr, BLOCK_N: tl.constexpr,
+def _gemv_int4_kernel(XP, W, S, Out, Res, N, KG, KW: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_G: tl.constexpr, GROUP: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_G: tl.constexpr, X_SCALE: tl.constexpr, WORD: tl.constexpr):
-    # XP (4, KW) int32: [t, c] x's fp16 pair for nibbles t and t + 4 of word c; XG (KG,) fp32 the KG groups'
-    # sums of x (both scaled by 2^-GEMV_SHIFT); W (N, KW) int32 words; S as run_linear's. Each program:
+    # XP (4, KW) int32: [t, c] x's fp16 pair for nibbles t and t + 4 of word c (scaled by 2^-GEMV_SHIFT);
+    # W (N, KW) int32 words; S as run_linear's; KG groups in a row. Each program:
     # BLOCK_N whole rows, BLOCK_G groups of each a step, as a (BLOCK_N, BLOCK_G, BW) tile of words whose
     # rows lie next to each other in memory: one contiguous stretch a step where a step is a whole row
     BW: tl.constexpr = GROUP // 8  # words of a row per group
@@ -286,31 +296,27 @@ def _gemv_int4_kernel(XP, XG, W, S, Out, Res, N, KG, KW: tl.constexpr, BLOCK_N: 
     w_ptrs = W.to(tl.pointer_type(tl.int32)) + r3 + gc
     x_ptrs = XP + gc + 0 * r3  # in the weight tile's shape: no layout conversion
     s_ptrs = S.to(tl.pointer_type(tl.int32)) + g[None, :] * N + cols[:, None]  # (BLOCK_N, BLOCK_G) (scale, zero)
-    g_ptrs = XG + g[None, :] + 0 * cols[:, None]
-    acc = tl.zeros([BLOCK_N, BLOCK_G, BW], tl.float32)
-    zsum = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)  # zero points times the groups' sums of x
+    acc = tl.zeros([BLOCK_N, BLOCK_G, BW], tl.float32)  # (q - 8) x times the scales
+    zacc = tl.zeros([BLOCK_N, BLOCK_G, BW], tl.float32)  # x times the zero points
     for g0 in range(0, KG, BLOCK_G):
         if EVEN_N and EVEN_G:  # no masks: a masked load first zeroes its registers
             w = tl.load(w_ptrs, eviction_policy="evict_first")
             sz = tl.load(s_ptrs)
-            xg = tl.load(g_ptrs)
             p0, p1, p2, p3 = tl.load(x_ptrs), tl.load(x_ptrs + KW), tl.load(x_ptrs + 2 * KW), tl.load(x_ptrs + 3 * KW)
         else:
             gmask = (g0 + g < KG)[None, :] & cmask[:, None]  # (BLOCK_N, BLOCK_G)
             w = tl.load(w_ptrs, mask=gmask[:, :, None], other=0, eviction_policy="evict_first")
             sz = tl.load(s_ptrs, mask=gmask, other=0)
-            xg = tl.load(g_ptrs, mask=gmask, other=0.0)
             m = gmask[:, :, None]
             p0, p1 = tl.load(x_ptrs, mask=m, other=0), tl.load(x_ptrs + KW, mask=m, other=0)
             p2, p3 = tl.load(x_ptrs + 2 * KW, mask=m, other=0), tl.load(x_ptrs + 3 * KW, mask=m, other=0)
-        part = _word(w, p0, p1, p2, p3, WORD)
-        acc += part * (sz << 16).to(tl.float32, bitcast=True)[:, :, None]  # the scale: bf16 in the low half
-        zsum += (sz & -65536).to(tl.float32, bitcast=True) * xg
+        dot, xsum = _word(w, p0, p1, p2, p3, WORD)
+        acc += dot * (sz << 16).to(tl.float32, bitcast=True)[:, :, None]  # the scale: bf16 in the low half
+        zacc += xsum * (sz & -65536).to(tl.float32, bitcast=True)[:, :, None]
         w_ptrs += BLOCK_G * BW
         x_ptrs += BLOCK_G * BW
         s_ptrs += BLOCK_G * N
-        g_ptrs += BLOCK_G
-    y = (tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(zsum, axis=1)) * X_SCALE  # (BLOCK_N,)
+    y = tl.sum(tl.sum(acc + zacc, axis=2), axis=1) * X_SCALE  # (BLOCK_N,)
     if SWIGLU:  # y (N / 2,) = silu(gate) * up
         gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
         f = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
@@ -525,28 +531,28 @@ def run_gemv(x: Tensor, weight: Tensor, scales: Tensor, tiles: Tiles, group: int
     # (whole groups, a power of 2 of them; None: 4096), no splits of K: the activation or the residual add in
     # the epilogue
     N, K = weight.shape[0], x.shape[1]
-    xp, xg = gemv_input(x, group)  # compiled: Inductor's kernels of their own, 0.5 ms a step (int4-gemv.md)
+    xp = gemv_input(x)  # compiled: Inductor's kernel, which may fuse the op that makes x (int4-gemv.md)
     block_g = min(triton.next_power_of_2(K // group), max(1, (tiles.block_k or 4096) // group))
     block_g = 1 << (block_g.bit_length() - 1)  # whole groups, a power of 2 of them
     out = torch.empty(1, N // 2 if swiglu else N, device=x.device, dtype=x.dtype)
     torch.library.wrap_triton(_gemv_int4_kernel)[(triton.cdiv(N, tiles.block_n),)](
-        xp, xg, weight, scales, out, x if residual is None else residual.contiguous(), N, K // group, KW=K // 8,
+        xp, weight, scales, out, x if residual is None else residual.contiguous(), N, K // group, KW=K // 8,
         BLOCK_N=tiles.block_n, BLOCK_G=block_g, GROUP=group, SWIGLU=swiglu, RESIDUAL=residual is not None,
         EVEN_N=N % tiles.block_n == 0, EVEN_G=(K // group) % block_g == 0, X_SCALE=2.0 ** GEMV_SHIFT,
         WORD=_WORD if x.is_cuda else None, num_warps=tiles.warps, num_stages=tiles.stages)
     return out
 
 
-def gemv_input(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
-    """x (1, K) -> (4, K / 8) int32 and (K / group,) fp32, both scaled by 2^-GEMV_SHIFT, for _gemv_int4_kernel:
-    [t, c] x's fp16 pair for nibbles t and t + 4 of word c, channels 8c + (t ^ 1) and 8c + 4 + (t ^ 1)
-    (channels 1 5, 0 4, 3 7, 2 6), and the groups' sums of x."""
-    xs = x.float() * 2.0 ** -GEMV_SHIFT
-    h = xs.to(torch.float16).view(torch.int16).view(-1, 8).to(torch.int32)  # (K / 8, 8) fp16 bits
+def gemv_input(x: Tensor) -> Tensor:
+    """x (1, K) -> (4, K / 8) int32, scaled by 2^-GEMV_SHIFT, for _gemv_int4_kernel: [t, c] x's fp16 pair for
+    nibbles t and t + 4 of word c, channels 8c + (t ^ 1) and 8c + 4 + (t ^ 1) (channels 1 5, 0 4, 3 7, 2 6).
+    One pointwise op under torch.compile (the earlier stack of 4 rows and the groups' sums cost Inductor 5
+    kernels, or 2 where x comes from a kernel of the project's), so Inductor can fuse the op that makes x."""
+    h = (x.float() * 2.0 ** -GEMV_SHIFT).to(torch.float16).view(torch.int16)
+    h = h.view(-1, 2, 2, 2).flip(-1).permute(2, 3, 0, 1).to(torch.int32)  # (2, 2, K / 8, 2): [t // 2, t % 2, c]
     # the halves joined by integer arithmetic (a dtype view of fp16 pairs as int32 needs a contiguous tensor,
-    # which Inductor does not promise for one it computes); stacked: contiguous rows
-    pairs = torch.stack([(h[:, t ^ 1] & 0xFFFF) | (h[:, 4 + (t ^ 1)] << 16) for t in range(4)])  # (4, K / 8)
-    return pairs, xs.view(-1, group).sum(-1)
+    # which Inductor does not promise for one it computes)
+    return ((h[..., 0] & 0xFFFF) | (h[..., 1] << 16)).reshape(4, -1).contiguous()
 
 
 def dense_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], group: int, swiglu: bool,

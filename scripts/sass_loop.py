@@ -28,12 +28,11 @@ import linear_triton as lt
 
 def compile_gemv(block_n: int, block_k: int, stages: int, warps: int):
     # int4's one-row kernel (linear_triton.Tiles.gemv), groups of 128: block_k / 128 groups a loop step
-    sig = {"XP": "*i32", "XG": "*fp32", "W": "*u8", "S": "*bf16", "Out": "*bf16", "Res": "*bf16", "N": "i32",
-           "KG": "i32"}
+    sig = {"XP": "*i32", "W": "*u8", "S": "*bf16", "Out": "*bf16", "Res": "*bf16", "N": "i32", "KG": "i32"}
     const = dict(KW=512, BLOCK_N=block_n, BLOCK_G=block_k // 128, GROUP=128, SWIGLU=False, RESIDUAL=False,
                  EVEN_N=True, EVEN_G=True, X_SCALE=2.0 ** lt.GEMV_SHIFT, WORD=lt._WORD)
     sig.update({k: "constexpr" for k in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}
     return triton.compile(ASTSource(lt._gemv_int4_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 

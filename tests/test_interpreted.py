@@ -187,16 +187,15 @@ def test_linear_tiles_by_rows_where_measured_faster(monkeypatch):
 
 
 def test_gemv_input_compiled_matches_eager():
-    # int4's one-row kernel reads x's fp16 pairs as contiguous (4, K / 8) int32 rows; under torch.compile
-    # Inductor makes them in the kernel of the op before (the norm; a dtype view of a tensor it computes
-    # failed there). Here one that rounds nothing
+    # int4's one-row kernel reads x's fp16 pairs as contiguous (4, K / 8) int32 rows, made by torch ops that
+    # Inductor compiles (a dtype view of a tensor it computes failed there); here after an op that rounds nothing
     lt = pytest.importorskip("linear_triton")
     x = torch.randn(1, 512).to(torch.bfloat16)
-    op = lambda x: lt.gemv_input(x * 2, 64)
-    (pairs, sums), (pairs_c, sums_c) = op(x), torch.compile(op, fullgraph=True)(x)
+    op = lambda x: lt.gemv_input(x * 2)
+    pairs, pairs_c = op(x), torch.compile(op, fullgraph=True)(x)
     assert pairs.shape == (4, 64) and pairs.is_contiguous() and pairs_c.is_contiguous()
-    assert torch.equal(pairs, pairs_c) and torch.allclose(sums, sums_c)
+    assert torch.equal(pairs, pairs_c)
     # [t, c]: the fp16 bits of channels 8c + (t ^ 1) (low half) and 8c + 4 + (t ^ 1) (high half)
     bits = (x.float() * 2.0 ** -lt.GEMV_SHIFT).to(torch.float16).view(torch.int16).view(-1, 8)
-    p, _ = lt.gemv_input(x, 64)
+    p = lt.gemv_input(x)
     assert (p[2, 5] & 0xFFFF).item() == bits[5, 3].item() & 0xFFFF and (p[1, 7] >> 16).item() == bits[7, 4].item()
