@@ -112,6 +112,23 @@ def _dequant_int4(h, scale, zero, DEQ: tl.constexpr):
 
 
 @triton.jit
+def _program_channels(nb, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
+    # program nb's BLOCK_N output channels and their mask; with SWIGLU the weight's rows gate f, up f,
+    # gate f + 1, up f + 1, ... (w13 = [w1; w3]: gate rows first, N / 2 of each)
+    i = tl.arange(0, BLOCK_N)
+    if SWIGLU:
+        f = nb * (BLOCK_N // 2) + i // 2
+        return f + (i % 2) * (N // 2), f < N // 2
+    cols = nb * BLOCK_N + i
+    return cols, cols < N
+
+
+@triton.jit
+def _silu_mul(gate, up):
+    return gate * tl.sigmoid(gate) * up
+
+
+@triton.jit
 def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
                    SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, MAGIC: tl.constexpr = 0,
@@ -119,14 +136,7 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
                    X_SCALE: tl.constexpr = 1.0):
     nb, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
-    if SWIGLU:  # the weight's rows of this tile: gate f, up f, gate f + 1, up f + 1, ...
-        i = tl.arange(0, BLOCK_N)
-        f = nb * (BLOCK_N // 2) + i // 2
-        cols = f + (i % 2) * (N // 2)
-        cmask = f < N // 2
-    else:
-        cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < N
+    cols, cmask = _program_channels(nb, N, BLOCK_N, SWIGLU)
     rmask = rows < M
     start = split * CHUNK
     kk = tl.arange(0, BLOCK_K)
@@ -206,8 +216,7 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
     if SWIGLU:  # one split: y (M, N / 2) = silu(gate) * up
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # (BLOCK_M, BLOCK_N / 2) each
         f = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        y = gate * tl.sigmoid(gate) * up
-        tl.store(Out + rows[:, None] * (N // 2) + f[None, :], y.to(Out.dtype.element_ty),
+        tl.store(Out + rows[:, None] * (N // 2) + f[None, :], _silu_mul(gate, up).to(Out.dtype.element_ty),
                  mask=rmask[:, None] & (f < N // 2)[None, :])
     else:
         omask = rmask[:, None] & cmask[None, :]
@@ -281,14 +290,7 @@ def _gemv_int4_kernel(XP, W, S, Out, Res, N, KG, KW: tl.constexpr, BLOCK_N: tl.c
     # rows lie next to each other in memory: one contiguous stretch a step where a step is a whole row
     BW: tl.constexpr = GROUP // 8  # words of a row per group
     nb = tl.program_id(0)
-    i = tl.arange(0, BLOCK_N)
-    if SWIGLU:  # the weight's rows of this program: gate f, up f, gate f + 1, up f + 1, ...
-        f = nb * (BLOCK_N // 2) + i // 2
-        cols = f + (i % 2) * (N // 2)
-        cmask = f < N // 2
-    else:
-        cols = nb * BLOCK_N + i
-        cmask = cols < N
+    cols, cmask = _program_channels(nb, N, BLOCK_N, SWIGLU)
     g = tl.arange(0, BLOCK_G)
     c = tl.arange(0, BW)
     r3 = cols[:, None, None].to(tl.int64) * KW  # (BLOCK_N, 1, 1)
@@ -320,7 +322,7 @@ def _gemv_int4_kernel(XP, W, S, Out, Res, N, KG, KW: tl.constexpr, BLOCK_N: tl.c
     if SWIGLU:  # y (N / 2,) = silu(gate) * up
         gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
         f = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(Out + f, (gate * tl.sigmoid(gate) * up).to(Out.dtype.element_ty), mask=f < N // 2)
+        tl.store(Out + f, _silu_mul(gate, up).to(Out.dtype.element_ty), mask=f < N // 2)
     else:
         if RESIDUAL:  # y = residual + x W^T, rounded once
             y += tl.load(Res + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -509,8 +511,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     part = torch.empty((M, N // 2) if swiglu else (M, N) if P == 1 else (P, M, N), device=x.device,
                        dtype=dtype if P == 1 else torch.float32)
     residual = None if residual is None else residual.contiguous()
-    grid = (triton.cdiv(N, tiles.block_n), P)
-    torch.library.wrap_triton(_linear_kernel)[grid](
+    torch.library.wrap_triton(_linear_kernel)[(triton.cdiv(N, tiles.block_n), P)](
         x, weight, weight if scales is None else scales, part, x if residual is None else residual,
         M, N, K, chunk,  # S unused unless SCALED, Res unless RESIDUAL
         SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP=group,
@@ -521,7 +522,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale, num_warps=tiles.warps, num_stages=tiles.stages)
     if P == 1:
         return part  # (M, N)
-    return (part.sum(0) if late is None else late.float() + part.sum(0)).to(dtype)  # rounded once
+    return (part.sum(0) if late is None else late.float() + part.sum(0)).to(dtype)  # (M, N), rounded once
 
 
 def run_gemv(x: Tensor, weight: Tensor, scales: Tensor, tiles: Tiles, group: int, swiglu: bool,
