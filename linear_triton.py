@@ -13,8 +13,8 @@
 #   weight is dequantized to bf16 in registers (DEQ); else the raw nibbles are multiplied on the tensor
 #   cores and each group's scale and zero point applied to the partial product. At one row (n = 1) int4
 #   can take a kernel of its own on the CUDA cores (Tiles.gemv, _gemv_int4_kernel, up to GEMV_ROWS rows),
-#   which streams whole rows: faster than PyTorch's int4 kernel layer by layer on the H100, slower in the
-#   whole step (x's fp16 pairs cost kernels of their own), so off by default
+#   which streams whole rows: faster than PyTorch's int4 kernel layer by layer on the H100, as fast in the
+#   whole step (x's fp16 pairs cost a kernel of their own before some layers), so off by default
 #   (bench/results/h100-80gb-hbm3/int4-gemv.md).
 # Above MAX_M rows (prefill) the product is compute-bound: the weight goes to x's dtype (int8, int4:
 # one Triton pass) and cuBLAS multiplies; an eager prefill gets there without the op (forward_linear).
@@ -48,7 +48,7 @@ MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0), torch
 # exact from 2^-10 up (fp16's normal numbers, times 16), below that within 2^-21: far under bf16's own
 # rounding of x (2^-9 of each value)
 X_SHIFT = 4
-GEMV_ROWS = 0  # int4 up to this many rows (0 or 1): the CUDA-core kernel (Tiles.gemv); 0: its whole step was slower
+GEMV_ROWS = 0  # int4 up to this many rows (0 or 1): the CUDA-core kernel (Tiles.gemv); 0: its whole step only ties
 MAX_M = 64  # above this (prefill) the product is compute-bound: cuBLAS does it
 WIDE = 8192  # output channels from which a layer counts as wide (its tiles)
 NARROW = 4096  # bf16 layers from this many output channels take the kernel (128 programs of 32 fill the SMs)
