@@ -6,6 +6,8 @@
 #   python scripts/profile_step.py --model Llama-2-7B --context 8192 --num_samples 32
 #   python scripts/profile_step.py --context 1024 --prefill
 #   python scripts/profile_step.py --many 16 4096 512 --num_samples 32 --at 60   (several prompts, from step 64)
+#   python scripts/profile_step.py --weights int4 --context 1024 --num_samples 1 --variant int4-gemv
+#   (a variant of scripts/ab_step.py's, with Inductor's caches off, as there)
 import time
 import argparse
 import functools
@@ -17,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import gener
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import ab_step
 import quantize
 from bifurcated import make_caches
 from compiled import CUDAGraphStep, DecodeLoop, prefill_step
@@ -111,10 +114,18 @@ if __name__ == "__main__":
                    help="several prompts of TOKENS random tokens after a shared PREFIX, n samples each")
     p.add_argument("--at", type=int, default=0,
                    help="run this many more steps before the profile (after 4 for compiling): the own tokens filled")
-    args = p.parse_args()
-    if args.many and (args.prefill or args.attention != "bifurcated"):
+    p.add_argument("--variant", choices=list(ab_step.VARIANTS), default="main",
+                   help="profile this variant of the code (scripts/ab_step.py's)")
+    args = vars(p.parse_args())
+    if args["many"] and (args["prefill"] or args["attention"] != "bifurcated"):
         p.error("--many profiles the bifurcated decode step only (no --prefill, no other --attention)")
     if not torch.cuda.is_available():
         print("error: needs a CUDA GPU", file=sys.stderr)
         sys.exit(1)
-    main(**vars(args))
+    variant = args.pop("variant")
+    if variant == "main":
+        main(**args)
+    else:  # Inductor's caches off: a compiled step from them could be another variant's (ab_step.py)
+        print(f"variant {variant}")
+        with ab_step.caches_off():
+            ab_step.with_variant(variant, lambda: main(**args))
