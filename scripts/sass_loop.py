@@ -1,7 +1,8 @@
 # The instructions of linear_triton's main loop, without a GPU: compiles _linear_kernel for sm_90
 # with Triton's own compiler and ptxas (pointers and sizes marked 16-aligned, as at a real launch,
 # so that the loads are pipelined), disassembles it with cuobjdump, and counts the opcodes of the
-# loop body (the code between a backward branch and its target), per thread, per K tile.
+# loop body (the code between a backward branch and its target), per thread, per K tile; and what ptxas
+# says of the kernel (its registers; C7515 where it serialized the tensor-core products).
 #
 # An SM issues at most 4 warp instructions a clock and must take in about 11.5 bytes a clock for the
 # H100's 3 TB/s: a loop above about 0.35 warp instructions per weight byte cannot stream at full
@@ -58,16 +59,25 @@ def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps
     else:
         k = compile_linear(kind, block_m, block_n, block_k, stages, warps)
     kind = "int8" if kind == "int8-f16" else kind
-    cubin = Path(f"/tmp/sass_loop_{os.getpid()}.cubin")
+    cubin, ptx = Path(f"/tmp/sass_loop_{os.getpid()}.cubin"), Path(f"/tmp/sass_loop_{os.getpid()}.ptx")
     cubin.write_bytes(k.asm["cubin"])
-    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
-    sass = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    ptx.write_text(k.asm["ptx"])
+    tools = Path(triton.__file__).parent / "backends/nvidia/bin"
+    sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    # ptxas's own account: registers, and whether it serialized the wgmma products (C7515: each waits for the last)
+    info = subprocess.run([str(tools / "ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", "/dev/null"],
+                          capture_output=True, text=True).stderr
     cubin.unlink()
+    ptx.unlink()
     ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
            (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
     tile_bytes = block_n * block_k * {"bf16": 2, "int8": 1, "int4": 0.5, "gemv": 0.5}[kind]
     print(f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} BLOCK_K={block_k} stages={stages} warps={warps}: "
           f"{len(ins)} instructions, shared memory {k.metadata.shared} B, {tile_bytes:.0f} weight bytes per K tile")
+    for line in info.splitlines():
+        if "C75" in line or "registers" in line:
+            print("  ptxas:", line.removeprefix("ptxas info    : "))
     for addr, text in ins:
         target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < addr:  # a backward branch: a loop
