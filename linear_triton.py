@@ -533,8 +533,8 @@ def run_gemv(x: Tensor, weight: Tensor, scales: Tensor, tiles: Tiles, group: int
     # the epilogue
     N, K = weight.shape[0], x.shape[1]
     xp = gemv_input(x)  # compiled: Inductor's kernel, which may fuse the op that makes x (int4-gemv.md)
-    block_g = min(triton.next_power_of_2(K // group), max(1, (tiles.block_k or 4096) // group))
-    block_g = 1 << (block_g.bit_length() - 1)  # whole groups, a power of 2 of them
+    per_step = max(1, (tiles.block_k or 4096) // group)  # whole groups, a power of 2 of them
+    block_g = min(triton.next_power_of_2(K // group), 1 << (per_step.bit_length() - 1))
     out = torch.empty(1, N // 2 if swiglu else N, device=x.device, dtype=x.dtype)
     torch.library.wrap_triton(_gemv_int4_kernel)[(triton.cdiv(N, tiles.block_n),)](
         xp, weight, scales, out, x if residual is None else residual.contiguous(), N, K // group, KW=K // 8,
@@ -547,8 +547,7 @@ def run_gemv(x: Tensor, weight: Tensor, scales: Tensor, tiles: Tiles, group: int
 def gemv_input(x: Tensor) -> Tensor:
     """x (1, K) -> (4, K / 8) int32, scaled by 2^-GEMV_SHIFT, for _gemv_int4_kernel: [t, c] x's fp16 pair for
     nibbles t and t + 4 of word c, channels 8c + (t ^ 1) and 8c + 4 + (t ^ 1) (channels 1 5, 0 4, 3 7, 2 6).
-    One pointwise op under torch.compile (the earlier stack of 4 rows and the groups' sums cost Inductor 5
-    kernels, or 2 where x comes from a kernel of the project's), so Inductor can fuse the op that makes x."""
+    One pointwise op, which Inductor can fuse with the op that makes x."""
     h = (x.float() * 2.0 ** -GEMV_SHIFT).to(torch.float16).view(torch.int16)
     h = h.view(-1, 2, 2, 2).flip(-1).permute(2, 3, 0, 1).to(torch.int32)  # (2, 2, K / 8, 2): [t // 2, t % 2, c]
     # the halves joined by integer arithmetic (a dtype view of fp16 pairs as int32 needs a contiguous tensor,
