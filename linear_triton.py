@@ -12,10 +12,10 @@
 #   (quantize.py's layout), half a byte per weight. With bf16 x on a GPU (groups of 64 or more) each
 #   weight is dequantized to bf16 in registers (DEQ); else the raw nibbles are multiplied on the tensor
 #   cores and each group's scale and zero point applied to the partial product. At one row (n = 1) int4
-#   can take a kernel of its own on the CUDA cores (Tiles.gemv, _gemv_int4_kernel, up to GEMV_ROWS rows),
-#   which streams whole rows: faster than PyTorch's int4 kernel layer by layer on the H100, as fast in the
-#   whole step (x's fp16 pairs cost a kernel of their own before some layers), so off by default
-#   (bench/results/h100-80gb-hbm3/int4-gemv.md).
+#   takes a kernel of its own on the CUDA cores (Tiles.gemv, _gemv_int4_kernel, up to GEMV_ROWS rows),
+#   which streams whole rows and takes x as fp16 pairs: made by one op that Inductor fuses with the op
+#   before, or, for w2, by w13's kernel itself (run_linear's pairs). Faster than PyTorch's int4 kernel in
+#   the whole step on the H100 (bench/results/h100-80gb-hbm3/int4-gemv.md).
 # Above MAX_M rows (prefill) the product is compute-bound: the weight goes to x's dtype (int8, int4:
 # one Triton pass) and cuBLAS multiplies; an eager prefill gets there without the op (forward_linear).
 # Each program owns BLOCK_N output channels of all M rows over one slice of K (split-K): the splits
@@ -48,7 +48,7 @@ MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0), torch
 # exact from 2^-10 up (fp16's normal numbers, times 16), below that within 2^-21: far under bf16's own
 # rounding of x (2^-9 of each value)
 X_SHIFT = 4
-GEMV_ROWS = 0  # int4 up to this many rows (0 or 1): the CUDA-core kernel (Tiles.gemv); 0: its whole step only ties
+GEMV_ROWS = 1  # int4 up to this many rows (0 or 1): the CUDA-core kernel (Tiles.gemv); 0: PyTorch's (tinygemm)
 MAX_M = 64  # above this (prefill) the product is compute-bound: cuBLAS does it
 WIDE = 8192  # output channels from which a layer counts as wide (its tiles)
 NARROW = 4096  # bf16 layers from this many output channels take the kernel (128 programs of 32 fill the SMs)
@@ -133,7 +133,8 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
                    SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, MAGIC: tl.constexpr = 0,
                    BIAS: tl.constexpr = 0.0, DEQ: tl.constexpr = None, I8F16: tl.constexpr = None,
-                   X_SCALE: tl.constexpr = 1.0):
+                   X_SCALE: tl.constexpr = 1.0, XPERM: tl.constexpr = False,
+                   TILES: tl.constexpr = 0):
     nb, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     cols, cmask = _program_channels(nb, N, BLOCK_N, SWIGLU)
@@ -157,11 +158,19 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
     # y^T = W x^T: W's rows fill the MMA's large side, x's few rows (padded to 16) the small one
     # (int8 with x in fp16, I8F16: x's rows the first operand, so that each warp converts weights of its own)
     acc = tl.zeros([BLOCK_M, BLOCK_N] if I8F16 is not None else [BLOCK_N, BLOCK_M], tl.float32)
+    # int4 with x in the weight's order: the 4 phases' products into 4 accumulators, so that ptxas lets them
+    # run together (one accumulator: Triton waits for each product; x split in registers: so does ptxas)
+    acc1, acc2, acc3 = acc, acc, acc
     # whole K blocks up to K; masks along K only where K is not a multiple of BLOCK_K (a mask that
     # varies along a row would split the weight loads into narrow ones)
-    for k0 in range(start, tl.minimum(start + CHUNK, K), BLOCK_K):
+    # TILES (K tiles a split, all splits whole): a loop of fixed length, without the branch around a loop that
+    # may not run, whose zeroing of the accumulators makes ptxas wait for each product (C7515)
+    n_tiles = TILES if TILES else tl.cdiv(tl.minimum(start + CHUNK, K) - start, BLOCK_K)
+    for i in range(0, n_tiles):
+        k0 = start + i * BLOCK_K
         kmask = (k0 + kk < K)[None, :] if not EVEN_K else kk[None, :] < BLOCK_K  # (1, BLOCK_K)
-        x = tl.load(x_ptrs, mask=rmask[:, None] & kmask, other=0.0)  # (BLOCK_M, BLOCK_K)
+        if not XPERM:
+            x = tl.load(x_ptrs, mask=rmask[:, None] & kmask, other=0.0)  # (BLOCK_M, BLOCK_K)
         # W is read once: evict it first, so that x and the partials keep their place in L2
         if DEQ is not None:  # the tile lies in one group: its weights in bf16, 4 products
             h = tl.load(w_ptrs, mask=cmask[:, None], other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K / 4)
@@ -171,13 +180,27 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
             scale = (sz & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
             zero = (sz >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
             w0, w1, w2, w3 = _dequant_int4(h, scale[:, None], zero[:, None], DEQ)
-            xa, xb = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 4, 2, 2)))  # channels 4c + (0, 2), 4c + (1, 3)
-            x0, x2 = tl.split(xa)  # (BLOCK_M, BLOCK_K / 4) each
-            x1, x3 = tl.split(xb)
-            acc = tl.dot(w0.to(x.dtype, bitcast=True), tl.trans(x0), acc)  # (BLOCK_N, BLOCK_M)
-            acc = tl.dot(w1.to(x.dtype, bitcast=True), tl.trans(x1), acc)
-            acc = tl.dot(w2.to(x.dtype, bitcast=True), tl.trans(x2), acc)
-            acc = tl.dot(w3.to(x.dtype, bitcast=True), tl.trans(x3), acc)
+            if XPERM:  # x's channels 4c + r at r BLOCK_K / 4 + c of each K tile (run_linear): 4 plain loads, which
+                # go to shared memory and from there to the tensor cores as they are
+                xq = X + rows[:, None] * K + k0 + tl.arange(0, BLOCK_K // 4)[None, :]  # (BLOCK_M, BLOCK_K / 4)
+                x0 = tl.load(xq, mask=rmask[:, None], other=0.0)
+                x1 = tl.load(xq + BLOCK_K // 4, mask=rmask[:, None], other=0.0)
+                x2 = tl.load(xq + BLOCK_K // 2, mask=rmask[:, None], other=0.0)
+                x3 = tl.load(xq + 3 * BLOCK_K // 4, mask=rmask[:, None], other=0.0)
+            else:  # (the split goes from registers back to shared memory, a round trip every K tile)
+                xa, xb = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 4, 2, 2)))  # channels 4c + (0, 2), 4c + (1, 3)
+                x0, x2 = tl.split(xa)  # (BLOCK_M, BLOCK_K / 4) each
+                x1, x3 = tl.split(xb)
+            if XPERM:
+                acc = tl.dot(w0.to(tl.bfloat16, bitcast=True), tl.trans(x0), acc)  # (BLOCK_N, BLOCK_M)
+                acc1 = tl.dot(w1.to(tl.bfloat16, bitcast=True), tl.trans(x1), acc1)
+                acc2 = tl.dot(w2.to(tl.bfloat16, bitcast=True), tl.trans(x2), acc2)
+                acc3 = tl.dot(w3.to(tl.bfloat16, bitcast=True), tl.trans(x3), acc3)
+            else:
+                acc = tl.dot(w0.to(tl.bfloat16, bitcast=True), tl.trans(x0), acc)  # (BLOCK_N, BLOCK_M)
+                acc = tl.dot(w1.to(tl.bfloat16, bitcast=True), tl.trans(x1), acc)
+                acc = tl.dot(w2.to(tl.bfloat16, bitcast=True), tl.trans(x2), acc)
+                acc = tl.dot(w3.to(tl.bfloat16, bitcast=True), tl.trans(x3), acc)
         elif GROUP:  # the tile lies in one group (K is whole groups, GROUP a multiple of BLOCK_K)
             b = tl.load(w_ptrs, mask=cmask[:, None], other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K / 2) uint8
             # high nibbles hold the even input channels, low ones the odd: two products, no interleave
@@ -209,6 +232,8 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
                 acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # (BLOCK_N, BLOCK_M); int8 -> bf16 is exact
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K // 4 if DEQ is not None else BLOCK_K // 2 if GROUP else BLOCK_K
+    if XPERM:
+        acc = (acc + acc1) + (acc2 + acc3)
     if I8F16 is None:
         acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
     if SCALED and not GROUP:  # the per-channel scale commutes with the sum over K: once, in fp32
@@ -283,11 +308,13 @@ def _word(w, p0, p1, p2, p3, WORD: tl.constexpr):
 @triton.jit
 def _gemv_int4_kernel(XP, W, S, Out, Res, N, KG, KW: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_G: tl.constexpr, GROUP: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                      EVEN_N: tl.constexpr, EVEN_G: tl.constexpr, X_SCALE: tl.constexpr, WORD: tl.constexpr):
+                      EVEN_N: tl.constexpr, EVEN_G: tl.constexpr, X_SCALE: tl.constexpr, WORD: tl.constexpr,
+                      PAIRS: tl.constexpr = False, ROUND_BF16: tl.constexpr = False):
     # XP (4, KW) int32: [t, c] x's fp16 pair for nibbles t and t + 4 of word c (scaled by 2^-GEMV_SHIFT);
     # W (N, KW) int32 words; S as run_linear's; KG groups in a row. Each program:
     # BLOCK_N whole rows, BLOCK_G groups of each a step, as a (BLOCK_N, BLOCK_G, BW) tile of words whose
-    # rows lie next to each other in memory: one contiguous stretch a step where a step is a whole row
+    # rows lie next to each other in memory: one contiguous stretch a step where a step is a whole row.
+    # PAIRS (with SWIGLU): Out (N / 2,) int16 takes the activations as the next layer's XP (gemv_input's)
     BW: tl.constexpr = GROUP // 8  # words of a row per group
     nb = tl.program_id(0)
     cols, cmask = _program_channels(nb, N, BLOCK_N, SWIGLU)
@@ -296,7 +323,7 @@ def _gemv_int4_kernel(XP, W, S, Out, Res, N, KG, KW: tl.constexpr, BLOCK_N: tl.c
     r3 = cols[:, None, None].to(tl.int64) * KW  # (BLOCK_N, 1, 1)
     gc = g[None, :, None] * BW + c[None, None, :]  # (1, BLOCK_G, BW): a word's place in the step
     w_ptrs = W.to(tl.pointer_type(tl.int32)) + r3 + gc
-    x_ptrs = XP + gc + 0 * r3  # in the weight tile's shape: no layout conversion
+    x_ptrs = XP.to(tl.pointer_type(tl.int32)) + gc + 0 * r3  # in the weight tile's shape: no layout conversion
     s_ptrs = S.to(tl.pointer_type(tl.int32)) + g[None, :] * N + cols[:, None]  # (BLOCK_N, BLOCK_G) (scale, zero)
     acc = tl.zeros([BLOCK_N, BLOCK_G, BW], tl.float32)  # (q - 8) x times the scales
     zacc = tl.zeros([BLOCK_N, BLOCK_G, BW], tl.float32)  # x times the zero points
@@ -322,7 +349,14 @@ def _gemv_int4_kernel(XP, W, S, Out, Res, N, KG, KW: tl.constexpr, BLOCK_N: tl.c
     if SWIGLU:  # y (N / 2,) = silu(gate) * up
         gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
         f = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(Out + f, _silu_mul(gate, up).to(Out.dtype.element_ty), mask=f < N // 2)
+        act = _silu_mul(gate, up)
+        if PAIRS:  # gemv_input's op: rounded as the activations would be, scaled, to fp16; channel f is half
+            # f % 8 // 4 of pair (f % 4) ^ 1 of word f // 8 (N / 16 words a pair)
+            act = (act.to(tl.bfloat16).to(tl.float32) if ROUND_BF16 else act) * (1.0 / X_SCALE)
+            half = 2 * (((f % 4) ^ 1) * (N // 16) + f // 8) + f % 8 // 4
+            tl.store(Out + half, act.to(tl.float16).to(tl.int16, bitcast=True), mask=f < N // 2)
+        else:
+            tl.store(Out + f, act.to(Out.dtype.element_ty), mask=f < N // 2)
     else:
         if RESIDUAL:  # y = residual + x W^T, rounded once
             y += tl.load(Res + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -412,6 +446,7 @@ class Tiles:
     warps: int = 4
     f16: bool = False  # int8: x in fp16 and the weights into fp16 by bit operations (I8F16); on a GPU
     gemv: bool = False  # int4 at one row: the CUDA-core kernel (_gemv_int4_kernel), block_k / group groups a step
+    xperm: bool = False  # int4 with bf16 x on a GPU: x's channels in the order of the dequantized weight (DEQ)
 
 
 # GPUs whose bf16 tiles from 17 rows are default_tiles' own (row_tiles=True): there they were measured
@@ -448,8 +483,13 @@ def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: boo
                 block_k=256, stages=3, f16=True)
         return Tiles(block_k=128, waves=3)
     if kind == "int4":  # one row: 4 whole rows a program, 1024 channels a step (fastest over the 4 layers, H100,
-        # bench/results/h100-80gb-hbm3/int4-gemv.md)
-        return Tiles(block_n=4, block_k=1024, stages=1, gemv=True) if M <= GEMV_ROWS else Tiles(
+        # bench/results/h100-80gb-hbm3/int4-gemv.md).
+        # More rows: wide layers with x's channels in the weight's order (Tiles.xperm), whose products stay in
+        # flight (H100, 8K n = 32, whole steps: 5.47 -> 5.34 ms; 128 channels a program for the narrow ones:
+        # 5.62, slower; bench/results/h100-80gb-hbm3/int4-m32.md)
+        if M <= GEMV_ROWS:
+            return Tiles(block_n=4, block_k=1024, stages=1, gemv=True)
+        return Tiles(block_n=64, block_k=128, stages=4, xperm=True) if wide else Tiles(
             block_n=64, block_k=128, stages=3)
     block_m = max(16, triton.next_power_of_2(M)) if row_tiles else 16  # linear_plan's
     if block_m >= 32 and wide:
@@ -473,11 +513,14 @@ def linear_plan(M: int, N: int, K: int, block_k: int, n_sm: int, tiles: Tiles) -
 
 
 def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optional[Tiles] = None,
-               group: int = 0, swiglu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
+               group: int = 0, swiglu: bool = False, residual: Optional[Tensor] = None,
+               pairs: bool = False) -> Tensor:
     # x (M, K); weight (N, K) bf16 or int8 with scales (N,) or None; or with group > 0, int4:
     # weight (N, K/2) uint8 and scales the scales and zero points (K/group, N, 2).
     # swiglu: weight is [gate; up] and y = silu(x gate^T) * (x up^T), (M, N / 2)
     # residual (M, N): y = residual + x W^T
+    # pairs (int4 with swiglu, where the one-row kernel runs): y as the next one-row int4 layer's x, its fp16
+    # pairs (gemv_input's, as int16 (1, N / 2), read in pairs); x int16 (1, K): such pairs
     M, K = x.shape
     N = weight.shape[0]
     if weight.shape[1] * (2 if group else 1) != K:
@@ -500,7 +543,9 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     if group and scales.storage_offset() % 2:  # the kernel reads each (scale, zero) pair as one 32-bit word
         scales = scales.clone()
     if tiles.gemv and group and M == 1 and group % 8 == 0:
-        return run_gemv(x, weight, scales, tiles, group, swiglu, residual)
+        return run_gemv(x, weight, scales, tiles, group, swiglu, residual, pairs)
+    if x.dtype == torch.int16:
+        raise ValueError("x's fp16 pairs (int16) go to the one-row int4 kernel only (Tiles.gemv, M = 1)")
     block_k = min(group, tiles.block_k or 128) if group else tiles.block_k or 256 // weight.element_size()
     if swiglu:  # the activation needs the whole sum over K: one split
         tiles = dataclasses.replace(tiles, splits=1)
@@ -511,36 +556,44 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     part = torch.empty((M, N // 2) if swiglu else (M, N) if P == 1 else (P, M, N), device=x.device,
                        dtype=dtype if P == 1 else torch.float32)
     residual = None if residual is None else residual.contiguous()
+    deq = group and x.dtype == scales.dtype == torch.bfloat16 and x.is_cuda and block_k >= 64
+    if deq and tiles.xperm:  # x's channels 4c + r of each K tile to r block_k / 4 + c (Inductor joins this to
+        # the op that makes x)
+        x = x.view(M, K // block_k, block_k // 4, 4).transpose(-1, -2).reshape(M, K)
     torch.library.wrap_triton(_linear_kernel)[(triton.cdiv(N, tiles.block_n), P)](
         x, weight, weight if scales is None else scales, part, x if residual is None else residual,
         M, N, K, chunk,  # S unused unless SCALED, Res unless RESIDUAL
         SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP=group,
         EVEN_K=K % block_k == 0, SWIGLU=swiglu, RESIDUAL=residual is not None,
         MAGIC=MAGIC[x.dtype][0], BIAS=MAGIC[x.dtype][1],
-        DEQ=(_DEQUANT_INT4 if group and x.dtype == scales.dtype == torch.bfloat16 and x.is_cuda and block_k >= 64
-             else None),
-        I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale, num_warps=tiles.warps, num_stages=tiles.stages)
+        DEQ=_DEQUANT_INT4 if deq else None, I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale,
+        XPERM=bool(deq and tiles.xperm), TILES=chunk // block_k if deq and tiles.xperm and K % chunk == 0 else 0,
+        num_warps=tiles.warps, num_stages=tiles.stages)
     if P == 1:
         return part  # (M, N)
     return (part.sum(0) if late is None else late.float() + part.sum(0)).to(dtype)  # (M, N), rounded once
 
 
 def run_gemv(x: Tensor, weight: Tensor, scales: Tensor, tiles: Tiles, group: int, swiglu: bool,
-             residual: Optional[Tensor]) -> Tensor:
+             residual: Optional[Tensor], pairs: bool = False) -> Tensor:
     # run_linear's int4 at one row on the CUDA cores (_gemv_int4_kernel): tiles.block_n whole rows a program
     # (with swiglu, block_n / 2 gate rows and their up rows), tiles.block_k input channels of each a step
     # (whole groups, a power of 2 of them; None: 4096), no splits of K: the activation or the residual add in
-    # the epilogue
+    # the epilogue. x int16: its pairs already (run_linear's pairs)
     N, K = weight.shape[0], x.shape[1]
-    xp = gemv_input(x)  # compiled: Inductor's kernel, which may fuse the op that makes x (int4-gemv.md)
+    # compiled: Inductor's kernel, which may fuse the op that makes x (int4-gemv.md)
+    xp = x if x.dtype == torch.int16 else gemv_input(x)
+    dtype = (residual if residual is not None else scales).dtype if x.dtype == torch.int16 else x.dtype
+    pairs = pairs and swiglu and dtype in (torch.bfloat16, torch.float32) and N % 16 == 0
     per_step = max(1, (tiles.block_k or 4096) // group)  # whole groups, a power of 2 of them
     block_g = min(triton.next_power_of_2(K // group), 1 << (per_step.bit_length() - 1))
-    out = torch.empty(1, N // 2 if swiglu else N, device=x.device, dtype=x.dtype)
+    out = torch.empty(1, N // 2 if swiglu else N, device=x.device, dtype=torch.int16 if pairs else dtype)
     torch.library.wrap_triton(_gemv_int4_kernel)[(triton.cdiv(N, tiles.block_n),)](
-        xp, weight, scales, out, x if residual is None else residual.contiguous(), N, K // group, KW=K // 8,
+        xp, weight, scales, out, out if residual is None else residual.contiguous(), N, K // group, KW=K // 8,
         BLOCK_N=tiles.block_n, BLOCK_G=block_g, GROUP=group, SWIGLU=swiglu, RESIDUAL=residual is not None,
         EVEN_N=N % tiles.block_n == 0, EVEN_G=(K // group) % block_g == 0, X_SCALE=2.0 ** GEMV_SHIFT,
-        WORD=_WORD if x.is_cuda else None, num_warps=tiles.warps, num_stages=tiles.stages)
+        WORD=_WORD if x.is_cuda else None, PAIRS=pairs, ROUND_BF16=dtype == torch.bfloat16,
+        num_warps=tiles.warps, num_stages=tiles.stages)
     return out
 
 
@@ -600,17 +653,17 @@ def dequantize_int4(weight: Tensor, scales_and_zeros: Tensor, group: int, dtype:
 
 @torch.library.triton_op("linear_triton::linear", mutates_args=())
 def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0, swiglu: bool = False,
-           residual: Optional[Tensor] = None) -> Tensor:
+           residual: Optional[Tensor] = None, pairs: bool = False) -> Tensor:
     # x (..., K); weight (N, K) bf16, or int8 with scales (N,), or with group > 0 int4 (N, K/2) with
     # scales and zero points (K/group, N, 2); y in x's dtype: (..., N), or with swiglu (..., N / 2).
-    # residual (..., N): added to y
+    # residual (..., N): added to y. pairs: run_linear's
     y = run_linear(x.reshape(-1, x.shape[-1]), weight, scales, group=group, swiglu=swiglu,
-                   residual=None if residual is None else residual.reshape(-1, residual.shape[-1]))
+                   residual=None if residual is None else residual.reshape(-1, residual.shape[-1]), pairs=pairs)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def forward_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0, swiglu: bool = False,
-                   residual: Optional[Tensor] = None) -> Tensor:
+                   residual: Optional[Tensor] = None, pairs: bool = False) -> Tensor:
     """The layers' entry to `linear` (same arguments). An eager call with more than MAX_M rows (the
     prefill) goes to cuBLAS without the op: a 1K-token prefill is bound by the host's launches, and
     the op's dispatch is host time on each of them (profile-prefill.md)."""
@@ -619,7 +672,7 @@ def forward_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, g
         y = dense_linear(x.reshape(-1, K), weight, scales, group, swiglu,
                          None if residual is None else residual.reshape(-1, residual.shape[-1]), eager=True)
         return y.reshape(*x.shape[:-1], y.shape[-1])
-    return linear(x, weight, scales, group, swiglu, residual)
+    return linear(x, weight, scales, group, swiglu, residual, pairs)
 
 
 class TritonLinear(nn.Module):
@@ -675,7 +728,9 @@ def use_kernels(model: Transformer):
         swap_norm(block, "ffn_norm")
         swap(block.attention, "wqkv")
         swap(block.attention, "wo", adds_residual=True)
-        swap(block.feed_forward, "w13", swiglu=True)
+        ff = block.feed_forward  # int4: w13's one-row kernel makes w2's x pairs (run_linear's pairs)
+        int4 = all(hasattr(layer, "groupsize") for layer in (ff.w13, ff.w2))
+        swap(ff, "w13", swiglu=True, **({"pairs_out": True} if int4 else {}))
         swap(block.feed_forward, "w2", adds_residual=True)
     swap(model, "output")
     swap_norm(model, "norm")

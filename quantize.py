@@ -140,6 +140,7 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     swiglu = adds_residual = False  # as Int8Linear's
+    pairs_out = False  # with swiglu, at one row: the output as the next int4 layer's x pairs (linear_triton)
 
     def __init__(self, in_features: int, out_features: int, groupsize: int):
         super().__init__()
@@ -180,7 +181,7 @@ class Int4Linear(nn.Module):
             return epilogue(y.reshape(*x.shape[:-1], self.out_features), self.swiglu, residual)
         if triton_linear is not None and x.is_cuda:  # one Triton kernel: half a byte read per weight
             return triton_linear(x, self.weight, self.scales_and_zeros, self.groupsize, swiglu=self.swiglu,
-                                 residual=residual)
+                                 residual=residual, pairs=self.pairs_out)
         y = F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize).to(x.dtype))
         return epilogue(y, self.swiglu, residual)
 

@@ -48,10 +48,33 @@ def int8_f16(wide: bool, narrow: bool):
     return lt, "default_tiles", default_tiles
 
 
+def int4_tiles(wide: "lt.Tiles", narrow: "lt.Tiles"):
+    """int4 from 5 rows on these tiles: wide layers (wqkv, w13), narrow ones (wo, w2)."""
+    tiles = lt.default_tiles
+
+    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False):
+        t = tiles(kind, N, M, n_sm, row_tiles, swiglu)
+        return (wide if N >= lt.WIDE else narrow) if kind == "int4" and not t.gemv else t
+    return lt, "default_tiles", default_tiles
+
+
+INT4_BEFORE = lt.Tiles(block_n=64, block_k=128, stages=3)  # before int4-m32.md (x in its own order)
+
+
+def gemv_without_pairs():
+    """int4's one-row kernel with x's pairs made before each layer (gemv_input), none by w13's epilogue."""
+    run_gemv = lt.run_gemv
+    return [(lt, "GEMV_ROWS", 1), (lt, "run_gemv", lambda *args: run_gemv(*args[:7]))]
+
+
 VARIANTS = {"main": lambda: None, "context-1-wave": lambda: context_waves(1),
             "context-4-waves": lambda: context_waves(4), "int8-bf16": lambda: int8_f16(False, False),
             "int8-f16-all": lambda: int8_f16(True, True),
-            "int4-gemv": lambda: (lt, "GEMV_ROWS", 1), "int4-tinygemm": lambda: (lt, "GEMV_ROWS", 0)}
+            "int4-gemv": lambda: (lt, "GEMV_ROWS", 1), "int4-tinygemm": lambda: (lt, "GEMV_ROWS", 0),
+            "int4-gemv-no-pairs": gemv_without_pairs,
+            "int4-tiles-before": lambda: int4_tiles(INT4_BEFORE, INT4_BEFORE),
+            "int4-narrow-128": lambda: int4_tiles(lt.default_tiles("int4", lt.WIDE, 32),
+                                                  lt.Tiles(block_n=128, block_k=128, stages=3))}
 
 
 def caches_off() -> contextlib.ExitStack:
@@ -64,8 +87,10 @@ def caches_off() -> contextlib.ExitStack:
 
 def with_variant(variant: str, run):
     """run() with the variant's replacement in place, the original back after."""
-    patch = VARIANTS[variant]()  # (module, name, replacement) or None
-    with contextlib.nullcontext() if patch is None else mock.patch.object(*patch):
+    patches = VARIANTS[variant]()  # (module, name, replacement), a list of them, or None
+    with contextlib.ExitStack() as stack:
+        for patch in [patches] if isinstance(patches, tuple) else patches or []:
+            stack.enter_context(mock.patch.object(*patch))
         return run()
 
 

@@ -255,6 +255,14 @@ def test_ab_step_variants_and_caches():
     assert ab_step.with_variant("int8-f16-all", lambda: lt.default_tiles("bf16", 4096, 32)) == tiles("bf16", 4096, 32)
     gemv = lambda: lt.default_tiles("int4", 12288, 1).gemv  # int4's one row: Triton's GEMV, or PyTorch's kernel
     assert ab_step.with_variant("int4-gemv", gemv) and not ab_step.with_variant("int4-tinygemm", gemv)
+    run_gemv, rows = lt.run_gemv, lt.GEMV_ROWS  # the one-row kernel without w13's pairs for w2: run_gemv
+    # drops its last argument
+    assert ab_step.with_variant("int4-gemv-no-pairs", lambda: gemv() and lt.run_gemv is not run_gemv)
+    assert lt.run_gemv is run_gemv and lt.GEMV_ROWS == rows
+    int4 = lambda N: lt.default_tiles("int4", N, 32)  # 32 rows: wide layers with x reordered, narrow ones not
+    assert int4(12288).xperm and not int4(4096).xperm
+    assert not ab_step.with_variant("int4-tiles-before", lambda: int4(12288)).xperm
+    assert ab_step.with_variant("int4-narrow-128", lambda: int4(4096)).block_n == 128
     assert bt.context_plan is plan and lt.default_tiles is tiles
     rows = ab_step.main(["main", "context-1-wave"], "tiny-gqa", [64], [2], "bf16", False, 2, 4, "cpu", "float32",
                         None)

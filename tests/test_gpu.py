@@ -353,13 +353,16 @@ def test_linear_kernel_int8_f16_range(M):
     assert out.isfinite().all() and rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("xperm", [False, True], ids=["x", "xperm"])
 @pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
 @pytest.mark.parametrize("group", [64, 128, 256])
 @pytest.mark.parametrize("M", [1, 5, 32, 64])
-def test_linear_kernel_int4_in_bf16(group, M, swiglu):
+def test_linear_kernel_int4_in_bf16(group, M, swiglu, xperm):
     # groups of 64 and more, bf16 x: the weights dequantized to bf16 in registers (linear_triton.DEQ),
-    # against the fp64 product; a mean far from zero in some rows, so that the zero points matter
+    # against the fp64 product; a mean far from zero in some rows, so that the zero points matter; with
+    # xperm, x's channels reordered to the weight's (the wide layers' tiles), K tiles of 64 and 128
     linear_triton = pytest.importorskip("linear_triton")
+    tiles = linear_triton.Tiles(block_n=64, block_k=128 if M > 5 else 64, stages=4, xperm=True) if xperm else None
     N, K = 1536, 2048
     g = torch.Generator("cuda").manual_seed(group + M)
     w = torch.randn(N, K, generator=g, device="cuda") * 0.02 + torch.randn(N, 1, generator=g, device="cuda") * 0.05
@@ -367,11 +370,13 @@ def test_linear_kernel_int4_in_bf16(group, M, swiglu):
     packed, sz = quantize.quantize_int4(w, group)
     ref = x.double() @ quantize.dequantize_int4(packed, sz, group).double().t()  # (M, N)
     if swiglu:
-        assert rel_err(linear_triton.run_linear(x, packed, sz, group=group, swiglu=True), model_swiglu(ref)) < 1e-2
+        out = linear_triton.run_linear(x, packed, sz, tiles, group=group, swiglu=True)
+        assert rel_err(out, model_swiglu(ref)) < 1e-2
     else:  # and the residual add
         res = torch.randn(M, N, generator=g, device="cuda").to(torch.bfloat16)  # (M, N)
-        assert rel_err(linear_triton.run_linear(x, packed, sz, group=group), ref) < 1e-2
-        assert rel_err(linear_triton.run_linear(x, packed, sz, group=group, residual=res), ref + res.double()) < 1e-2
+        assert rel_err(linear_triton.run_linear(x, packed, sz, tiles, group=group), ref) < 1e-2
+        out = linear_triton.run_linear(x, packed, sz, tiles, group=group, residual=res)
+        assert rel_err(out, ref + res.double()) < 1e-2
 
 
 @pytest.mark.parametrize("tiles", [(4, None, 4), (8, 512, 4), (2, 128, 2), (16, 1024, 8), (64, 256, 4)],
@@ -394,6 +399,19 @@ def test_linear_kernel_int4_gemv(M, tiles):
     assert rel_err(run(), ref) < 1e-2
     assert rel_err(run(residual=res), ref + res.double()) < 1e-2
     assert rel_err(run(swiglu=True), model_swiglu(ref)) < 1e-2
+    if M == 1:  # the activations as the next layer's x pairs (pairs=True): gemv_input's bits, and a layer after
+        # (F = 640: 5 groups, a masked step; 4 rows a program) gives from them what it gives from x
+        w13, sz13 = quantize.quantize_int4(torch.randn(1280, K, generator=g, device="cuda") * 0.02, group)
+        act = linear_triton.run_linear(x, w13, sz13, tiles=t, group=group, swiglu=True)
+        pairs = linear_triton.run_linear(x, w13, sz13, tiles=t, group=group, swiglu=True, pairs=True)
+        assert pairs.dtype == torch.int16 and torch.equal(pairs.view(torch.int32).view(4, -1),
+                                                          linear_triton.gemv_input(act))
+        w2, sz2 = quantize.quantize_int4(torch.randn(256, 640, generator=g, device="cuda") * 0.02, group)
+        t2 = linear_triton.Tiles(block_n=4, stages=1, gemv=True)
+        res2 = torch.randn(1, 256, generator=g, device="cuda").to(torch.bfloat16)
+        out = linear_triton.run_linear(pairs, w2, sz2, tiles=t2, group=group, residual=res2)
+        assert out.dtype == torch.bfloat16 and torch.equal(
+            out, linear_triton.run_linear(act, w2, sz2, tiles=t2, group=group, residual=res2))
 
 
 def test_linear_kernel_int4_gemv_range():
@@ -498,12 +516,15 @@ def test_quantized_layers_take_epilogues(mode, monkeypatch):
         linear_triton.use_kernels(model)
         ff, attn = model.layers[0].feed_forward, model.layers[0].attention
         assert ff.w13.swiglu and ff.w2.adds_residual and attn.wo.adds_residual and not attn.wqkv.adds_residual
+        assert getattr(ff.w13, "pairs_out", False) == (mode == "int4")  # at one row: w2's x pairs from w13
         assert rel_err(model(idx, pos), ref) < 1e-2  # 64 rows
         assert rel_err(model(idx[:, :1], pos[:1])[:, 0], ref[:, 0]) < 1e-2  # 4 rows
         compiled = torch.compile(model, fullgraph=True, dynamic=False)  # the kernel's arguments in Inductor's code
         assert rel_err(compiled(idx[:, :1], pos[:1])[:, 0], ref[:, 0]) < 1e-2
-        monkeypatch.setattr(linear_triton, "GEMV_ROWS", 1)  # one row: int4's GEMV, x's fp16 pairs made by Inductor
+        # one row: int4's GEMV, x's fp16 pairs made by Inductor (w2's by w13's epilogue); compiled and eager
+        monkeypatch.setattr(linear_triton, "GEMV_ROWS", 1)
         assert rel_err(compiled(idx[:1, :1], pos[:1])[:, 0], ref[:1, 0]) < 1e-2
+        assert rel_err(model(idx[:1, :1], pos[:1])[:, 0], ref[:1, 0]) < 1e-2
         for module in model.modules():  # int4: 4 rows on PyTorch's kernel, the residual added after it
             if hasattr(module, "pack_for_cuda"):
                 module.pack_for_cuda()

@@ -125,6 +125,18 @@ for M, N, K in [(3, 64, 256), (1, 48, 160), (17, 96, 512)]:  # rows, output and 
         for kw, expected in [({}, ref4), (dict(residual=res), ref4 + res), (dict(swiglu=True), swiglu(ref4))]:
             err = rel(lt.run_linear(x, packed, sz, tiles=tiles, group=32, **kw), expected)
             worst, worst16 = (worst, max(worst16, err)) if M == 1 else (max(worst, err), worst16)
+# w13's one-row kernel writing the next layer's x as its fp16 pairs (pairs=True): gemv_input's bits, and w2
+# (3 groups of 16: a masked step) gives from them what it gives from x
+x, t = torch.randn(1, 64), lt.Tiles(block_n=4, gemv=True)
+w13, sz13 = quantize.quantize_int4(torch.randn(96, 64) * 0.05, 32)  # F = 48
+w2, sz2 = quantize.quantize_int4(torch.randn(24, 48) * 0.05, 16)
+act = lt.run_linear(x, w13, sz13, tiles=t, group=32, swiglu=True)
+pairs = lt.run_linear(x, w13, sz13, tiles=t, group=32, swiglu=True, pairs=True)
+assert pairs.dtype == torch.int16 and pairs.shape == act.shape
+assert torch.equal(pairs.view(torch.int32).view(4, -1), lt.gemv_input(act))
+res = torch.randn(1, 24)
+assert torch.equal(lt.run_linear(pairs, w2, sz2, tiles=t, group=16, residual=res),
+                   lt.run_linear(act, w2, sz2, tiles=t, group=16, residual=res))
 # the bf16 default tiles by rows (default_tiles): from 32 rows, 64 channels in 3 stages (N / 128 programs
 # short of the SMs) or 128 channels a program; at 64 rows, narrow layers in one split
 for M, N, K in [(40, 4096, 64), (20, 8192, 64), (33, 8192, 64), (64, 8200, 128)]:
