@@ -310,7 +310,8 @@ def _gemv_int4_kernel(XP, W, S, Out, Res, N, KG, KW: tl.constexpr, BLOCK_N: tl.c
                       BLOCK_G: tl.constexpr, GROUP: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_G: tl.constexpr, X_SCALE: tl.constexpr, WORD: tl.constexpr,
                       PAIRS: tl.constexpr = False, ROUND_BF16: tl.constexpr = False):
-    # XP (4, KW) int32: [t, c] x's fp16 pair for nibbles t and t + 4 of word c (scaled by 2^-GEMV_SHIFT);
+    # XP (4, KW) int32 (gemv_input's int16, read in pairs): [t, c] x's fp16 pair for nibbles t and t + 4 of word
+    # c (scaled by 2^-GEMV_SHIFT);
     # W (N, KW) int32 words; S as run_linear's; KG groups in a row. Each program:
     # BLOCK_N whole rows, BLOCK_G groups of each a step, as a (BLOCK_N, BLOCK_G, BW) tile of words whose
     # rows lie next to each other in memory: one contiguous stretch a step where a step is a whole row.
@@ -520,7 +521,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     # swiglu: weight is [gate; up] and y = silu(x gate^T) * (x up^T), (M, N / 2)
     # residual (M, N): y = residual + x W^T
     # pairs (int4 with swiglu, where the one-row kernel runs): y as the next one-row int4 layer's x, its fp16
-    # pairs (gemv_input's, as int16 (1, N / 2), read in pairs); x int16 (1, K): such pairs
+    # pairs (gemv_input's, int16 (1, N / 2)); x int16 (1, K): such pairs
     M, K = x.shape
     N = weight.shape[0]
     if weight.shape[1] * (2 if group else 1) != K:
@@ -589,7 +590,8 @@ def run_gemv(x: Tensor, weight: Tensor, scales: Tensor, tiles: Tiles, group: int
     block_g = min(triton.next_power_of_2(K // group), 1 << (per_step.bit_length() - 1))
     out = torch.empty(1, N // 2 if swiglu else N, device=x.device, dtype=torch.int16 if pairs else dtype)
     torch.library.wrap_triton(_gemv_int4_kernel)[(triton.cdiv(N, tiles.block_n),)](
-        xp, weight, scales, out, out if residual is None else residual.contiguous(), N, K // group, KW=K // 8,
+        # Res unless RESIDUAL: a tensor the kernel only reads (out there would alias Out, and Inductor would copy it)
+        xp, weight, scales, out, scales if residual is None else residual.contiguous(), N, K // group, KW=K // 8,
         BLOCK_N=tiles.block_n, BLOCK_G=block_g, GROUP=group, SWIGLU=swiglu, RESIDUAL=residual is not None,
         EVEN_N=N % tiles.block_n == 0, EVEN_G=(K // group) % block_g == 0, X_SCALE=2.0 ** GEMV_SHIFT,
         WORD=_WORD if x.is_cuda else None, PAIRS=pairs, ROUND_BF16=dtype == torch.bfloat16,
@@ -598,14 +600,14 @@ def run_gemv(x: Tensor, weight: Tensor, scales: Tensor, tiles: Tiles, group: int
 
 
 def gemv_input(x: Tensor) -> Tensor:
-    """x (1, K) -> (4, K / 8) int32, scaled by 2^-GEMV_SHIFT, for _gemv_int4_kernel: [t, c] x's fp16 pair for
-    nibbles t and t + 4 of word c, channels 8c + (t ^ 1) and 8c + 4 + (t ^ 1) (channels 1 5, 0 4, 3 7, 2 6).
-    One pointwise op, which Inductor can fuse with the op that makes x."""
-    h = (x.float() * 2.0 ** -GEMV_SHIFT).to(torch.float16).view(torch.int16)
-    h = h.view(-1, 2, 2, 2).flip(-1).permute(2, 3, 0, 1).to(torch.int32)  # (2, 2, K / 8, 2): [t // 2, t % 2, c]
-    # the halves joined by integer arithmetic (a dtype view of fp16 pairs as int32 needs a contiguous tensor,
-    # which Inductor does not promise for one it computes)
-    return ((h[..., 0] & 0xFFFF) | (h[..., 1] << 16)).reshape(4, -1).contiguous()
+    """x (1, K) -> (1, K) int16 for _gemv_int4_kernel: x scaled by 2^-GEMV_SHIFT in fp16, its channels in the
+    kernel's order: read as (4, K / 8) int32, [t, c] is the fp16 pair of channels 8c + (t ^ 1) (low half) and
+    8c + 4 + (t ^ 1) (high half), those of nibbles t and t + 4 of word c. One pointwise op of x's size, which
+    Inductor can fuse with the op that makes x. (Pairs of adjacent channels would let Inductor join a norm's
+    reduction to it too, but cost the kernel a PRMT each, more than that saves: int4-gemv.md,
+    int4-gemv-adjacent.patch.)"""
+    h = (x.float() * 2.0 ** -GEMV_SHIFT).to(torch.float16).view(torch.int16)  # (1, K): [8c + 4a + 2b + e]
+    return h.view(-1, 2, 2, 2).flip(-1).permute(2, 3, 0, 1).reshape(1, -1)  # [b, 1 - e, c, a]: t = 2b + 1 - e
 
 
 def dense_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], group: int, swiglu: bool,

@@ -29,7 +29,7 @@ import linear_triton as lt
 
 def compile_gemv(block_n: int, block_k: int, stages: int, warps: int):
     # int4's one-row kernel (linear_triton.Tiles.gemv), groups of 128: block_k / 128 groups a loop step
-    sig = {"XP": "*i32", "W": "*u8", "S": "*bf16", "Out": "*bf16", "Res": "*bf16", "N": "i32", "KG": "i32"}
+    sig = {"XP": "*i16", "W": "*u8", "S": "*bf16", "Out": "*bf16", "Res": "*bf16", "N": "i32", "KG": "i32"}
     const = dict(KW=512, BLOCK_N=block_n, BLOCK_G=block_k // 128, GROUP=128, SWIGLU=False, RESIDUAL=False,
                  EVEN_N=True, EVEN_G=True, X_SCALE=2.0 ** lt.GEMV_SHIFT, WORD=lt._WORD)
     sig.update({k: "constexpr" for k in const})
@@ -90,6 +90,7 @@ def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (6, 7) or sys.argv[1] not in ("bf16", "int8", "int8-f16", "int4", "gemv"):
-        sys.exit(f"usage: {sys.argv[0]} bf16|int8|int8-f16|int4|gemv BLOCK_M BLOCK_N BLOCK_K STAGES [WARPS]")
+    kinds = ("bf16", "int8", "int8-f16", "int4", "gemv")
+    if len(sys.argv) not in (6, 7) or sys.argv[1] not in kinds:
+        sys.exit(f"usage: {sys.argv[0]} {'|'.join(kinds)} BLOCK_M BLOCK_N BLOCK_K STAGES [WARPS]")
     main(sys.argv[1], *map(int, sys.argv[2:]))

@@ -130,11 +130,11 @@ for M, N, K in [(3, 64, 256), (1, 48, 160), (17, 96, 512)]:  # rows, output and 
 x, t = torch.randn(1, 64), lt.Tiles(block_n=4, gemv=True)
 w13, sz13 = quantize.quantize_int4(torch.randn(96, 64) * 0.05, 32)  # F = 48
 w2, sz2 = quantize.quantize_int4(torch.randn(24, 48) * 0.05, 16)
+res = torch.randn(1, 24)
 act = lt.run_linear(x, w13, sz13, tiles=t, group=32, swiglu=True)
 pairs = lt.run_linear(x, w13, sz13, tiles=t, group=32, swiglu=True, pairs=True)
 assert pairs.dtype == torch.int16 and pairs.shape == act.shape
-assert torch.equal(pairs.view(torch.int32).view(4, -1), lt.gemv_input(act))
-res = torch.randn(1, 24)
+assert torch.equal(pairs, lt.gemv_input(act))
 assert torch.equal(lt.run_linear(pairs, w2, sz2, tiles=t, group=16, residual=res),
                    lt.run_linear(act, w2, sz2, tiles=t, group=16, residual=res))
 # the bf16 default tiles by rows (default_tiles): from 32 rows, 64 channels in 3 stages (N / 128 programs
@@ -199,15 +199,17 @@ def test_linear_tiles_by_rows_where_measured_faster(monkeypatch):
 
 
 def test_gemv_input_compiled_matches_eager():
-    # int4's one-row kernel reads x's fp16 pairs as contiguous (4, K / 8) int32 rows, made by torch ops that
-    # Inductor compiles (a dtype view of a tensor it computes failed there); here after an op that rounds nothing
+    # int4's one-row kernel reads x's fp16 pairs as contiguous (4, K / 8) int32 rows, from an int16 tensor of x's
+    # size that torch ops make and Inductor compiles (the kernel reads it in pairs: a dtype view to int32 of a
+    # tensor Inductor computes failed there); here after an op that rounds nothing
     lt = pytest.importorskip("linear_triton")
     x = torch.randn(1, 512).to(torch.bfloat16)
     op = lambda x: lt.gemv_input(x * 2)
     pairs, pairs_c = op(x), torch.compile(op, fullgraph=True)(x)
-    assert pairs.shape == (4, 64) and pairs.is_contiguous() and pairs_c.is_contiguous()
+    assert pairs.shape == (1, 512) and pairs.dtype == torch.int16 and pairs_c.is_contiguous()
     assert torch.equal(pairs, pairs_c)
     # [t, c]: the fp16 bits of channels 8c + (t ^ 1) (low half) and 8c + 4 + (t ^ 1) (high half)
     bits = (x.float() * 2.0 ** -lt.GEMV_SHIFT).to(torch.float16).view(torch.int16).view(-1, 8)
-    p = lt.gemv_input(x)
-    assert (p[2, 5] & 0xFFFF).item() == bits[5, 3].item() & 0xFFFF and (p[1, 7] >> 16).item() == bits[7, 4].item()
+    p = lt.gemv_input(x).view(torch.int32).view(4, -1)
+    lo, hi = lambda t, c: ((p[t, c].item() & 0xFFFF) ^ 0x8000) - 0x8000, lambda t, c: p[t, c].item() >> 16
+    assert lo(2, 5) == bits[5, 3].item() and hi(1, 7) == bits[7, 4].item() and hi(0, 7) == bits[7, 5].item()
