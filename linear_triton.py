@@ -187,16 +187,14 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
                 x1 = tl.load(xq + BLOCK_K // 4, mask=rmask[:, None], other=0.0)
                 x2 = tl.load(xq + BLOCK_K // 2, mask=rmask[:, None], other=0.0)
                 x3 = tl.load(xq + 3 * BLOCK_K // 4, mask=rmask[:, None], other=0.0)
-            else:  # (the split goes from registers back to shared memory, a round trip every K tile)
-                xa, xb = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 4, 2, 2)))  # channels 4c + (0, 2), 4c + (1, 3)
-                x0, x2 = tl.split(xa)  # (BLOCK_M, BLOCK_K / 4) each
-                x1, x3 = tl.split(xb)
-            if XPERM:
                 acc = tl.dot(w0.to(tl.bfloat16, bitcast=True), tl.trans(x0), acc)  # (BLOCK_N, BLOCK_M)
                 acc1 = tl.dot(w1.to(tl.bfloat16, bitcast=True), tl.trans(x1), acc1)
                 acc2 = tl.dot(w2.to(tl.bfloat16, bitcast=True), tl.trans(x2), acc2)
                 acc3 = tl.dot(w3.to(tl.bfloat16, bitcast=True), tl.trans(x3), acc3)
-            else:
+            else:  # (the split goes from registers back to shared memory, a round trip every K tile)
+                xa, xb = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 4, 2, 2)))  # channels 4c + (0, 2), 4c + (1, 3)
+                x0, x2 = tl.split(xa)  # (BLOCK_M, BLOCK_K / 4) each
+                x1, x3 = tl.split(xb)
                 acc = tl.dot(w0.to(tl.bfloat16, bitcast=True), tl.trans(x0), acc)  # (BLOCK_N, BLOCK_M)
                 acc = tl.dot(w1.to(tl.bfloat16, bitcast=True), tl.trans(x1), acc)
                 acc = tl.dot(w2.to(tl.bfloat16, bitcast=True), tl.trans(x2), acc)

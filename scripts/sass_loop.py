@@ -10,6 +10,7 @@
 #
 #   python scripts/sass_loop.py int4 32 64 128 4      # weights (bf16, int8, int4), BLOCK_M, BLOCK_N, BLOCK_K, stages
 #   python scripts/sass_loop.py int8-f16 32 64 128 4  # int8 with x in fp16 (linear_triton.Tiles.f16)
+#   python scripts/sass_loop.py int4-xperm 32 64 128 4  # int4 with x reordered (Tiles.xperm; wqkv's 16 K tiles a split)
 #   python scripts/sass_loop.py gemv 1 64 128 1       # int4's one-row kernel (linear_triton.Tiles.gemv)
 import collections
 import os
@@ -39,14 +40,15 @@ def compile_gemv(block_n: int, block_k: int, stages: int, warps: int):
 
 
 def compile_linear(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps: int):
-    f16 = kind == "int8-f16"
-    kind = "int8" if f16 else kind
+    f16, xperm = kind == "int8-f16", kind == "int4-xperm"
+    kind = {"int8-f16": "int8", "int4-xperm": "int4"}.get(kind, kind)
     sig = {"X": "*fp16" if f16 else "*bf16", "W": {"bf16": "*bf16", "int8": "*i8"}.get(kind, "*u8"), "S": "*bf16",
            "Out": "*bf16", "Res": "*bf16", "M": "i32", "N": "i32", "K": "i32", "CHUNK": "i32"}
     const = dict(SCALED=kind != "bf16", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                  GROUP=128 if kind == "int4" else 0, EVEN_K=True, SWIGLU=False, RESIDUAL=False, MAGIC=0x4300,
                  BIAS=128.0, DEQ=lt._DEQUANT_INT4 if kind == "int4" and block_k >= 64 else None,
-                 I8F16=lt._I8_TO_F16 if f16 else None, X_SCALE=2.0 ** lt.X_SHIFT if f16 else 1.0)
+                 I8F16=lt._I8_TO_F16 if f16 else None, X_SCALE=2.0 ** lt.X_SHIFT if f16 else 1.0,
+                 XPERM=xperm, TILES=16 if xperm else 0)
     sig.update({k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7, 8)}  # not M
     return triton.compile(ASTSource(lt._linear_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
@@ -58,7 +60,7 @@ def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps
         k = compile_gemv(block_n, block_k, stages, warps)
     else:
         k = compile_linear(kind, block_m, block_n, block_k, stages, warps)
-    kind = "int8" if kind == "int8-f16" else kind
+    kind = {"int8-f16": "int8", "int4-xperm": "int4"}.get(kind, kind)
     cubin, ptx = Path(f"/tmp/sass_loop_{os.getpid()}.cubin"), Path(f"/tmp/sass_loop_{os.getpid()}.ptx")
     cubin.write_bytes(k.asm["cubin"])
     ptx.write_text(k.asm["ptx"])
@@ -90,7 +92,7 @@ def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps
 
 
 if __name__ == "__main__":
-    kinds = ("bf16", "int8", "int8-f16", "int4", "gemv")
+    kinds = ("bf16", "int8", "int8-f16", "int4", "int4-xperm", "gemv")
     if len(sys.argv) not in (6, 7) or sys.argv[1] not in kinds:
         sys.exit(f"usage: {sys.argv[0]} {'|'.join(kinds)} BLOCK_M BLOCK_N BLOCK_K STAGES [WARPS]")
     main(sys.argv[1], *map(int, sys.argv[2:]))
