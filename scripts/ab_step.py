@@ -38,6 +38,16 @@ def context_waves(waves: int):
         R, M, n_kv_heads, n_sm, dataclasses.replace(tiles, waves=waves))
 
 
+def attention_rows(waves: int, block_n: int):
+    """The decode attention at 32 to 64 rows per KV head (Tiles.mid_rows: one wave, 128 keys a step where a
+    split holds 2048 or more) on these waves and keys a step instead."""
+    def rows_tiles(R, M, n_kv_heads, n_sm, tiles):
+        if tiles.mid_rows is None or not tiles.mid_rows[0] <= R <= tiles.mid_rows[1]:
+            return tiles
+        return dataclasses.replace(tiles, mid_rows=None, waves=waves, block_n=block_n)
+    return bt, "rows_tiles", rows_tiles
+
+
 def int8_f16(wide: bool, narrow: bool):
     """int8 layers with x in fp16 (Tiles.f16) where asked, Triton's conversion to bf16 elsewhere."""
     tiles = lt.default_tiles
@@ -68,7 +78,9 @@ def gemv_without_pairs():
 
 
 VARIANTS = {"main": lambda: None, "context-1-wave": lambda: context_waves(1),
-            "context-4-waves": lambda: context_waves(4), "int8-bf16": lambda: int8_f16(False, False),
+            "context-4-waves": lambda: context_waves(4),
+            "attention-2-waves": lambda: attention_rows(2, 64), "attention-2-waves-128": lambda: attention_rows(2, 128),
+            "attention-1-wave-64": lambda: attention_rows(1, 64), "int8-bf16": lambda: int8_f16(False, False),
             "int8-f16-all": lambda: int8_f16(True, True),
             "int4-gemv": lambda: (lt, "GEMV_ROWS", 1), "int4-tinygemm": lambda: (lt, "GEMV_ROWS", 0),
             "int4-gemv-no-pairs": gemv_without_pairs,

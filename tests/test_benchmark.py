@@ -263,6 +263,14 @@ def test_ab_step_variants_and_caches():
     assert int4(12288).xperm and not int4(4096).xperm
     assert not ab_step.with_variant("int4-tiles-before", lambda: int4(12288)).xperm
     assert ab_step.with_variant("int4-narrow-128", lambda: int4(4096)).block_n == 128
+    # MHA n = 32 at 32K (32 rows a KV head): one wave of 4 splits, 128 keys a step; the variants' 2 waves
+    k = torch.empty(32, 32768, 128, device="meta")
+    level = lambda: bt.context_level(32, k, k, 132, bt.Tiles())
+    assert (level()[0].block_n, level()[1].plan) == (128, (32, 4, 8192))
+    assert ab_step.with_variant("attention-2-waves", lambda: level()[1].plan) == (32, 8, 4096)
+    assert ab_step.with_variant("attention-2-waves-128", lambda: level()[0].block_n) == 128
+    assert ab_step.with_variant("attention-1-wave-64", lambda: (level()[0].block_n, level()[1].plan)) == (
+        64, (32, 4, 8192))
     assert bt.context_plan is plan and lt.default_tiles is tiles
     rows = ab_step.main(["main", "context-1-wave"], "tiny-gqa", [64], [2], "bf16", False, 2, 4, "cpu", "float32",
                         None)
