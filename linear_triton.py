@@ -171,7 +171,9 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
         kmask = (k0 + kk < K)[None, :] if not EVEN_K else kk[None, :] < BLOCK_K  # (1, BLOCK_K)
         if not XPERM:
             x = tl.load(x_ptrs, mask=rmask[:, None] & kmask, other=0.0)  # (BLOCK_M, BLOCK_K)
-        # W is read once: evict it first, so that x and the partials keep their place in L2
+        # W is read once: evict it first, so that x and the partials keep their place in L2 (a hint that Triton
+        # 3.6 drops where it pipelines the load through cp.async, as in every tile kind's main loop here: no
+        # createpolicy in their PTX)
         if DEQ is not None:  # the tile lies in one group: its weights in bf16, 4 products
             h = tl.load(w_ptrs, mask=cmask[:, None], other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K / 4)
             # each column's scale and zero point as one 32-bit word, the scale in its low half: 32-bit loads
