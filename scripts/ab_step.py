@@ -31,11 +31,12 @@ import generate
 import linear_triton as lt
 
 
-def context_waves(waves: int):
-    """The context launches' plan with `waves` programs per SM, at every number of rows."""
+def context_tiles(**changes):
+    """The context launches' plan with these changes to its tiles (waves=: programs per SM, at every number of
+    rows; wide_rows=: rows per KV head from which blocks of 128 rows go in one wave)."""
     plan = bt.context_plan
     return bt, "context_plan", lambda R, M, n_kv_heads, n_sm, tiles=bt.Tiles(): plan(
-        R, M, n_kv_heads, n_sm, dataclasses.replace(tiles, waves=waves))
+        R, M, n_kv_heads, n_sm, dataclasses.replace(tiles, **changes))
 
 
 def attention_rows(waves: int, block_n: int):
@@ -77,8 +78,8 @@ def gemv_without_pairs():
     return [(lt, "GEMV_ROWS", 1), (lt, "run_gemv", lambda *args: run_gemv(*args[:7]))]
 
 
-VARIANTS = {"main": lambda: None, "context-1-wave": lambda: context_waves(1),
-            "context-4-waves": lambda: context_waves(4),
+VARIANTS = {"main": lambda: None, "context-1-wave": lambda: context_tiles(waves=1),
+            "context-4-waves": lambda: context_tiles(waves=4), "context-wide-128": lambda: context_tiles(wide_rows=128),
             "attention-2-waves": lambda: attention_rows(2, 64), "attention-2-waves-128": lambda: attention_rows(2, 128),
             "attention-1-wave-64": lambda: attention_rows(1, 64), "int8-bf16": lambda: int8_f16(False, False),
             "int8-f16-all": lambda: int8_f16(True, True),

@@ -249,6 +249,9 @@ def test_ab_step_variants_and_caches():
     assert plan(16, 8192, 32, 132)[1] == 8  # 2 waves of 132 SMs over 32 KV heads
     assert ab_step.with_variant("context-1-wave", lambda: bt.context_plan(16, 8192, 32, 132))[1] == 4
     assert ab_step.with_variant("context-4-waves", lambda: bt.context_plan(16, 8192, 32, 132))[1] == 16
+    # GQA n = 32 (128 rows a KV head): two 64-row blocks in 2 waves, or one 128-row block in one wave
+    assert bt.context_plan(128, 8192, 8, 132) == (64, 16, 512)
+    assert ab_step.with_variant("context-wide-128", lambda: bt.context_plan(128, 8192, 8, 132)) == (128, 16, 512)
     assert tiles("int8", 12288, 32).f16 and not tiles("int8", 4096, 32).f16
     assert not ab_step.with_variant("int8-bf16", lambda: lt.default_tiles("int8", 12288, 32)).f16
     assert ab_step.with_variant("int8-f16-all", lambda: lt.default_tiles("int8", 4096, 32)).f16
