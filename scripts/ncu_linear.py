@@ -14,9 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 import torch
 
 import quantize
+from bench_linear import SHAPES
 from linear_triton import run_linear
-
-SHAPES = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w13": (22016, 4096), "w2": (4096, 11008)}
 
 
 def main(kind: str, layer: str, rows: int, launches: int):

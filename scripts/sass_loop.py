@@ -27,6 +27,8 @@ from triton.compiler import ASTSource
 
 import linear_triton as lt
 
+VARIANTS = {"int8-f16": "int8", "int4-xperm": "int4"}  # a kind of weight on another path: its kind
+
 
 def compile_gemv(block_n: int, block_k: int, stages: int, warps: int):
     # int4's one-row kernel (linear_triton.Tiles.gemv), groups of 128: block_k / 128 groups a loop step
@@ -41,7 +43,7 @@ def compile_gemv(block_n: int, block_k: int, stages: int, warps: int):
 
 def compile_linear(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps: int):
     f16, xperm = kind == "int8-f16", kind == "int4-xperm"
-    kind = {"int8-f16": "int8", "int4-xperm": "int4"}.get(kind, kind)
+    kind = VARIANTS.get(kind, kind)
     sig = {"X": "*fp16" if f16 else "*bf16", "W": {"bf16": "*bf16", "int8": "*i8"}.get(kind, "*u8"), "S": "*bf16",
            "Out": "*bf16", "Res": "*bf16", "M": "i32", "N": "i32", "K": "i32", "CHUNK": "i32"}
     const = dict(SCALED=kind != "bf16", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -60,7 +62,7 @@ def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps
         k = compile_gemv(block_n, block_k, stages, warps)
     else:
         k = compile_linear(kind, block_m, block_n, block_k, stages, warps)
-    kind = {"int8-f16": "int8", "int4-xperm": "int4"}.get(kind, kind)
+    kind = VARIANTS.get(kind, kind)
     cubin, ptx = Path(f"/tmp/sass_loop_{os.getpid()}.cubin"), Path(f"/tmp/sass_loop_{os.getpid()}.ptx")
     cubin.write_bytes(k.asm["cubin"])
     ptx.write_text(k.asm["ptx"])
@@ -92,7 +94,7 @@ def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps
 
 
 if __name__ == "__main__":
-    kinds = ("bf16", "int8", "int8-f16", "int4", "int4-xperm", "gemv")
+    kinds = ("bf16", "int8", "int4", "gemv", *VARIANTS)
     if len(sys.argv) not in (6, 7) or sys.argv[1] not in kinds:
         sys.exit(f"usage: {sys.argv[0]} {'|'.join(kinds)} BLOCK_M BLOCK_N BLOCK_K STAGES [WARPS]")
     main(sys.argv[1], *map(int, sys.argv[2:]))
