@@ -4,7 +4,8 @@
 #   1. context: for KV head j, a tile of the n*g query rows that use it against a slice of the
 #      shared context (a real matrix product on tensor cores). The context is split across thread
 #      blocks (split-K) so that every SM streams a part of it; each returns its partial output,
-#      normalized, and its log-sum-exp.
+#      normalized, and its log-sum-exp. From 128 rows a block on a Hopper GPU, cuDNN's attention
+#      takes this launch (cudnn_context), its products being faster there.
 #   2. own + merge: for sample i and KV head j, its g query rows against its own filled decode
 #      slots, then the exact LSE merge of that with the context's partials of those rows, in fp32
 #      (for MHA, g = 1, a program per query row, on the CUDA cores).
@@ -334,6 +335,9 @@ class Tiles:
     # 8K, H200: MHA n = 32 52.9 -> 49.6 us, n = 64 68.0 -> 56.8; GQA n = 16 20.8 -> 17.8;
     # bench/results/h200/attention-mid-rows.md)
     mid_rows: Optional[tuple[int, int]] = (32, 64)
+    # the 128-row blocks' launches by cuDNN's attention where it serves them (cudnn_context); on an H100
+    # one layer's context at 8K, MHA n = 256: 78.1 -> 65.9 us, GQA n = 256: 74.4 -> 65.7 (lib-context.md)
+    cudnn: bool = True
 
 
 def rows_tiles(R: int, M: int, n_kv_heads: int, n_sm: int, tiles: Tiles) -> Tiles:
@@ -427,6 +431,8 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
     if rope is not None and (own is None or len(levels) > 1):
         raise ValueError("attend_levels rotates q, k and v only with one level and the own slots split")
     side = side and own is None and G == 1
+    if side:  # cuDNN's launch fills the SMs: the own slots' stream would wait (lib-context.md)
+        tiles = dataclasses.replace(tiles, cudnn=False)
     in_level = own is not None and own_in_level(B, G, T, levels[-1])
     if in_level:  # one split of all T slots
         own = own[0], 1, triton.cdiv(T, tiles.block_n) * tiles.block_n
@@ -590,11 +596,37 @@ def launch_context(q: Tensor, k: Tensor, v: Tensor, lens: Optional[Tensor], o_pa
     Hkv, M = k.shape[-3], k.shape[-2]
     groups, G = 1 if lens is None else k.size(0), H // Hkv
     block_r, P, chunk = plan
+    if cudnn_context(q, k, lens, plan, tiles):
+        return launch_cudnn(q, k, v, o_part, l_part, split0, P)
     torch.library.wrap_triton(_context_kernel)[(triton.cdiv(B // groups * G, block_r), P, Hkv * groups)](
         q, k, v, o_part, l_part, l_part if lens is None else lens, B // groups * G, G, M, B * G, split0, start,
         QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=tiles.block_n,
         LENGTHS=lens is not None and not up_to_slot, SLOT=up_to_slot,
         num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
+
+
+def cudnn_context(q: Tensor, k: Tensor, lens: Optional[Tensor], plan: tuple[int, int, int], tiles: Tiles) -> bool:
+    """Whether cuDNN's attention takes a context launch: blocks of 128 rows (Tiles.wide_rows), a whole
+    context (no lengths) in P equal splits, on a Hopper GPU (where it was measured) with PyTorch's cuDNN
+    attention on. There its products run faster than ours (lib-context.md); not beside the second stream."""
+    block_r, P, _ = plan
+    return (tiles.cudnn and block_r >= 128 and lens is None and k.size(-2) % P == 0 and q.is_cuda
+            and q.size(-1) in (64, 128) and torch.cuda.get_device_capability(q.device)[0] == 9
+            and torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cudnn.is_available()
+            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"))
+
+
+def launch_cudnn(q: Tensor, k: Tensor, v: Tensor, o_part: Tensor, l_part: Tensor, split0: int, P: int):
+    """launch_context's P splits of the context (Hkv, M, D) by cuDNN's attention, a split a batch entry,
+    the R rows of each KV head its query: its output and natural log-sum-exp into the partials."""
+    B, H, _, D = q.shape
+    Hkv, M, _ = k.shape
+    R = B * H // Hkv
+    qs = q.view(B, Hkv, H // Hkv, D).transpose(0, 1).reshape(1, Hkv, R, D).expand(P, Hkv, R, D).contiguous()
+    ks, vs = (t.view(Hkv, P, M // P, D).transpose(0, 1) for t in (k, v))  # (P, Hkv, M / P, D) views
+    o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qs, ks, vs, None, True)[:2]
+    o_part[split0:split0 + P].copy_(o)
+    l_part[split0:split0 + P].copy_(lse.reshape(P, Hkv, R) * LOG2E)  # natural log -> log2
 
 
 def decode_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_dec: Tensor, v_dec: Tensor, slot: Tensor,

@@ -90,26 +90,6 @@ def dense_add_after():
     return lt, "dense_linear", dense_linear
 
 
-def context_cudnn():
-    """Context launches of 128-row blocks (Tiles.wide_rows: MHA n >= 256, GQA n >= 64) by cuDNN's attention,
-    the context split over its batch axis as the plan's P splits; its partials then go to the merge."""
-    launch = bt.launch_context
-
-    def launch_context(q, k, v, lens, o_part, l_part, split0, plan, tiles, up_to_slot=False, start=0):
-        block_r, P, _ = plan
-        B, H, _, D = q.shape
-        Hkv, M = k.shape[-3], k.shape[-2]
-        if block_r < 128 or lens is not None or M % P:
-            return launch(q, k, v, lens, o_part, l_part, split0, plan, tiles, up_to_slot, start)
-        R = B * H // Hkv
-        qs = q.view(B, Hkv, H // Hkv, D).transpose(0, 1).reshape(1, Hkv, R, D).expand(P, Hkv, R, D).contiguous()
-        ks, vs = (t.view(Hkv, P, M // P, D).transpose(0, 1) for t in (k, v))
-        o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qs, ks, vs, None, True, 0.0, False, False)[:2]
-        o_part[split0:split0 + P].copy_(o)
-        l_part[split0:split0 + P].copy_(lse.reshape(P, Hkv, R) * bt.LOG2E)
-    return bt, "launch_context", launch_context
-
-
 VARIANTS = {"main": lambda: None, "context-1-wave": lambda: context_tiles(waves=1),
             "context-4-waves": lambda: context_tiles(waves=4), "context-wide-128": lambda: context_tiles(wide_rows=128),
             "attention-2-waves": lambda: attention_rows(2, 64), "attention-2-waves-128": lambda: attention_rows(2, 128),
@@ -118,7 +98,7 @@ VARIANTS = {"main": lambda: None, "context-1-wave": lambda: context_tiles(waves=
             "int4-gemv": lambda: (lt, "GEMV_ROWS", 1), "int4-tinygemm": lambda: (lt, "GEMV_ROWS", 0),
             "int4-gemv-no-pairs": gemv_without_pairs,
             "int4-tiles-before": lambda: int4_tiles(INT4_BEFORE, INT4_BEFORE),
-            "dense-add-after": dense_add_after, "context-cudnn": context_cudnn,
+            "dense-add-after": dense_add_after, "context-no-cudnn": lambda: (bt, "cudnn_context", lambda *args: False),
             "int4-narrow-128": lambda: int4_tiles(lt.default_tiles("int4", lt.WIDE, 32),
                                                   lt.Tiles(block_n=128, block_k=128, stages=3))}
 

@@ -274,6 +274,7 @@ def test_ab_step_variants_and_caches():
     assert ab_step.with_variant("attention-2-waves-128", lambda: level()[0].block_n) == 128
     assert ab_step.with_variant("attention-1-wave-64", lambda: (level()[0].block_n, level()[1].plan)) == (
         64, (32, 4, 8192))
+    assert ab_step.with_variant("context-no-cudnn", lambda: bt.cudnn_context) is not bt.cudnn_context
     assert bt.context_plan is plan and lt.default_tiles is tiles
     rows = ab_step.main(["main", "context-1-wave"], "tiny-gqa", [64], [2], "bf16", False, 2, 4, "cpu", "float32",
                         None)

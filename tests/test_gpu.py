@@ -41,6 +41,18 @@ def test_side_stream_attention_bf16(M, slot, monkeypatch):
     check_decode_attention(True, 32, 512, M, slot, T=128)
 
 
+@pytest.mark.parametrize("Hkv,n,M", [(32, 256, 8192), (8, 256, 8192), (8, 64, 4096), (32, 256, 8191)])
+def test_cudnn_context_bf16(Hkv, n, M):
+    # 128-row blocks on a Hopper GPU: the context by cuDNN's attention in the plan's equal splits
+    # (8191 keys are not two equal ones: ours), its partials merged with ours
+    bt = pytest.importorskip("bifurcated_triton")
+    q, k = torch.empty(n, 32, 1, 128, device="cuda"), torch.empty(Hkv, M, 128, device="cuda")
+    tiles, level = bt.context_level(n * 32 // Hkv, k, k, bt.num_sms(q), bt.Tiles())
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert bt.cudnn_context(q, k, None, level.plan, tiles) == (hopper and M % level.plan[1] == 0)
+    check_decode_attention(True, Hkv, n, M, 100, T=128)
+
+
 @pytest.mark.parametrize("Hkv", [32, 8])
 @pytest.mark.parametrize("n", [1, 3])
 def test_long_decode_split_bf16(Hkv, n):
