@@ -610,7 +610,7 @@ def cudnn_context(q: Tensor, k: Tensor, lens: Optional[Tensor], plan: tuple[int,
     context (no lengths) in P equal splits, on a Hopper GPU (where it was measured) with PyTorch's cuDNN
     attention on. There its products run faster than ours (lib-context.md); not beside the second stream."""
     block_r, P, _ = plan
-    return (tiles.cudnn and block_r >= 128 and lens is None and k.size(-2) % P == 0 and q.is_cuda
+    return (tiles.cudnn and block_r >= 128 and lens is None and k.size(-2) % P == 0 and q.is_cuda and q.is_contiguous()
             and q.size(-1) in (64, 128) and torch.cuda.get_device_capability(q.device)[0] == 9
             and torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cudnn.is_available()
             and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"))

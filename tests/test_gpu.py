@@ -441,11 +441,12 @@ def test_linear_kernel_int4_gemv_range():
 
 
 @pytest.mark.parametrize("Hkv", [32, 8, 1])
-@pytest.mark.parametrize("Mp,lens", [(0, [100, 7, 513]), (4097, [1, 300]), (1000, [64])])
-def test_prefix_kernel_bf16(Hkv, Mp, lens):
+@pytest.mark.parametrize("Mp,lens,n", [(0, [100, 7, 513], 5), (4097, [1, 300], 5), (1000, [64], 5),
+                                       (4096, [512, 200], 128)])  # 256 rows: the prefix's launch by cuDNN
+def test_prefix_kernel_bf16(Hkv, Mp, lens, n):
     # several prompts: prefix, each prompt's own tokens (unequal lengths), each sample's own
     kernel = pytest.importorskip("bifurcated_triton").prefix_decode_attention
-    H, D, T, n, slot = 32, 128, 64, 5, 37
+    H, D, T, slot = 32, 128, 64, 37
     Np, L = len(lens), max(lens)
     g = torch.Generator("cuda").manual_seed(Mp + Hkv)
     rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.bfloat16)
