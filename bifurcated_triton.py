@@ -622,9 +622,10 @@ def launch_cudnn(q: Tensor, k: Tensor, v: Tensor, o_part: Tensor, l_part: Tensor
     B, H, _, D = q.shape
     Hkv, M, _ = k.shape
     R = B * H // Hkv
-    qs = q.view(B, Hkv, H // Hkv, D).transpose(0, 1).reshape(1, Hkv, R, D).expand(P, Hkv, R, D).contiguous()
+    qs = q.view(B, Hkv, H // Hkv, D).transpose(0, 1).reshape(1, Hkv, R, D)  # row r = i g + h
+    qs = qs.expand(P, Hkv, R, D).contiguous()  # (P, Hkv, R, D): the same rows for every split
     ks, vs = (t.view(Hkv, P, M // P, D).transpose(0, 1) for t in (k, v))  # (P, Hkv, M / P, D) views
-    o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qs, ks, vs, None, True)[:2]
+    o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qs, ks, vs, None, True)[:2]  # (P, Hkv, R, D)
     o_part[split0:split0 + P].copy_(o)
     l_part[split0:split0 + P].copy_(lse.reshape(P, Hkv, R) * LOG2E)  # natural log -> log2
 

@@ -1,68 +1,101 @@
-# The context part of decode attention at many rows: our context launch vs cuDNN / flash SDPA with the
-# context split over the batch axis; each checked against an fp32 reference of that layer's context attention.
-# Every row to $OUT/r/lib_ctx.json (OUT: a folder, default the current one, holding r/):
-#   mkdir -p r && python scripts/lib_context.py
-import itertools, json, math, sys, os
-sys.path.insert(0, os.getcwd())
-import torch, triton.testing
-from bifurcated_triton import context_partials, LOG2E
+# The context part of one layer's decode attention at many rows: our context launch against PyTorch's cuDNN
+# and flash attention, each given the R = n g query rows of a KV head as its query and the context split in
+# S equal parts over the batch axis (S partial outputs and their log-sum-exp, as ours); each checked, merged,
+# against an fp32 reference (bench/results/h100-80gb-hbm3/lib-context.md).
+#
+#   python scripts/lib_context.py --output lib-context.json
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
 
-def time_us(fn, sets):
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, as a script
+
+import torch
+import triton.testing
+
+from bifurcated_triton import Tiles, context_partials
+
+# (KV heads, context, n): 32 query heads of 128 dims
+SHAPES = [(32, 8192, 256), (32, 8192, 512), (8, 8192, 64), (8, 8192, 256), (32, 4096, 512), (32, 8192, 32)]
+SPLITS = (1, 2, 4, 8)
+
+
+def time_us(fn, sets: list[tuple]) -> float:
+    """Median us of one call, CUDA-graphed, over the sets of inputs in turn (a layer's reads not in L2)."""
     def all_sets():
         for s in sets:
             fn(*s)
     return 1e3 * triton.testing.do_bench_cudagraph(all_sets, rep=100, return_mode="median") / len(sets)
 
+
+def ours(q, k, v):
+    return context_partials(q, k, v, Tiles(cudnn=False))  # (P, Hkv, R, D), (P, Hkv, R) in log2
+
+
 def merged_ours(q, k, v):
-    o, l = context_partials(q, k, v)  # (P, Hkv, R, D), (P, Hkv, R) log2
-    w = torch.softmax(l * math.log(2), dim=0)  # exact merge
+    o, l = ours(q, k, v)
+    w = torch.softmax(l * math.log(2), dim=0)  # the exact merge of the splits
     return (w[..., None] * o).sum(0)  # (Hkv, R, D)
 
-def lib(kind, S, q, k, v):
-    n, H, _, D = q.shape; Hkv, M, _ = k.shape; G = H // Hkv; R = n * G
-    qq = q.view(n, Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, R, D)
-    qs = qq.unsqueeze(0).expand(S, Hkv, R, D)
-    ks = k.view(Hkv, S, M // S, D).permute(1, 0, 2, 3)
-    vs = v.view(Hkv, S, M // S, D).permute(1, 0, 2, 3)
+
+def library(kind: str, S: int, q, k, v):
+    """cuDNN's or flash attention over S equal splits of the context: (S, Hkv, R, D), lse natural log."""
+    n, H, _, D = q.shape  # q (n, H, 1, D); k, v (Hkv, M, D)
+    Hkv, M, _ = k.shape
+    R = n * H // Hkv
+    qs = q.view(n, Hkv, H // Hkv, D).permute(1, 0, 2, 3).reshape(Hkv, R, D)  # row r = i g + h
+    qs = qs.unsqueeze(0).expand(S, Hkv, R, D)  # (S, Hkv, R, D)
+    ks = k.view(Hkv, S, M // S, D).permute(1, 0, 2, 3)  # (S, Hkv, M / S, D)
+    vs = v.view(Hkv, S, M // S, D).permute(1, 0, 2, 3)  # (S, Hkv, M / S, D)
     if kind == "cudnn":
         r = torch.ops.aten._scaled_dot_product_cudnn_attention(qs, ks, vs, None, True, 0.0, False, False)
-    elif kind == "cudnn-c":
-        r = torch.ops.aten._scaled_dot_product_cudnn_attention(qs.contiguous(), ks.contiguous(), vs.contiguous(), None, True, 0.0, False, False)
     else:
         r = torch.ops.aten._scaled_dot_product_flash_attention(qs.contiguous(), ks, vs)
-    return r[0], r[1]  # (S, Hkv, R, D), lse (S, Hkv, R[,1]) natural log
+    return r[0], r[1]
 
-def merged_lib(kind, S, q, k, v):
-    o, l = lib(kind, S, q, k, v)
-    l = l.reshape(S, o.size(1), o.size(2)).float()
-    w = torch.softmax(l, dim=0)
-    return (w[..., None] * o.float()).sum(0)
+
+def merged_library(kind: str, S: int, q, k, v):
+    o, l = library(kind, S, q, k, v)
+    w = torch.softmax(l.reshape(S, o.size(1), o.size(2)).float(), dim=0)  # (S, Hkv, R)
+    return (w[..., None] * o.float()).sum(0)  # (Hkv, R, D)
+
 
 def reference(q, k, v):
-    n, H, _, D = q.shape; Hkv = k.size(0); G = H // Hkv
-    qq = q.view(n, Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, n * G, D).float()
-    s = qq @ k.float().transpose(1, 2) / math.sqrt(D)
-    return torch.softmax(s, -1) @ v.float()
+    n, H, _, D = q.shape
+    Hkv = k.size(0)
+    qq = q.view(n, Hkv, H // Hkv, D).permute(1, 0, 2, 3).reshape(Hkv, n * H // Hkv, D).float()  # (Hkv, R, D)
+    return torch.softmax(qq @ k.float().transpose(1, 2) / math.sqrt(D), -1) @ v.float()  # (Hkv, R, D)
 
-rows = []
-for Hkv, M, n in [(32, 8192, 256), (32, 8192, 512), (8, 8192, 64), (8, 8192, 256), (32, 4096, 512), (32, 8192, 32)]:
-    H, D = 32, 128
-    rnd = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)
-    sets = [(rnd(n, H, 1, D), rnd(Hkv, M, D), rnd(Hkv, M, D)) for _ in range(3)]
-    ref = reference(*sets[0])
-    flops = 4 * H * n * M * D
-    cands = [("ours", 0)] + [(k, S) for k in ("cudnn", "flash") for S in (1, 2, 4, 8)]
-    for kind, S in cands:
-        try:
-            f = merged_ours if kind == "ours" else (lambda q, k, v, kind=kind, S=S: merged_lib(kind, S, q, k, v))
-            err = ((f(*sets[0]) - ref).norm() / ref.norm()).item()
-            g = (lambda q, k, v: context_partials(q, k, v)) if kind == "ours" else (lambda q, k, v, kind=kind, S=S: lib(kind, S, q, k, v))
-            us = time_us(g, sets)
-        except Exception as e:
-            print(f"Hkv {Hkv} M {M} n {n} {kind} S={S}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
-            continue
-        r = dict(kv_heads=Hkv, context=M, n=n, kind=kind, splits=S, us=us, tflops=flops / us / 1e6, rel_err=err)
-        rows.append(r)
-        print(f"Hkv {Hkv} M {M} n {n} {kind} S={S}: {us:.1f} us {r['tflops']:.0f} TFLOP/s err {err:.2e}", flush=True)
-out = os.environ.get("OUT", ".")
-json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), open(f"{out}/r/lib_ctx.json", "w"), indent=1)
+
+def main(output: str | None) -> list[dict]:
+    rows, H, D = [], 32, 128
+    for Hkv, M, n in SHAPES:
+        rnd = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)
+        sets = [(rnd(n, H, 1, D), rnd(Hkv, M, D), rnd(Hkv, M, D)) for _ in range(3)]
+        ref = reference(*sets[0])
+        flops = 4 * H * n * M * D
+        for kind, S in [("ours", 0)] + [(kind, S) for kind in ("cudnn", "flash") for S in SPLITS]:
+            run = ours if kind == "ours" else lambda q, k, v, kind=kind, S=S: library(kind, S, q, k, v)
+            merged = merged_ours if kind == "ours" else lambda q, k, v, kind=kind, S=S: merged_library(kind, S, q, k, v)
+            try:
+                err = ((merged(*sets[0]) - ref).norm() / ref.norm()).item()
+                us = time_us(run, sets)
+            except RuntimeError as e:  # a shape the library does not take
+                print(f"Hkv {Hkv} M {M} n {n} {kind} S={S}: failed: {str(e)[:200]}", flush=True)
+                continue
+            row = dict(kv_heads=Hkv, context=M, n=n, kind=kind, splits=S, us=us, tflops=flops / us / 1e6, rel_err=err)
+            rows.append(row)
+            print(f"Hkv {Hkv} M {M} n {n} {kind} S={S}: {us:.1f} us {row['tflops']:.0f} TFLOP/s err {err:.2e}",
+                  flush=True)
+    if output:
+        result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows)
+        Path(output).write_text(json.dumps(result, indent=1) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Our context launch against cuDNN's and flash attention, one layer.")
+    p.add_argument("--output", help="write every row to this JSON file")
+    main(**vars(p.parse_args()))

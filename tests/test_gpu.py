@@ -212,6 +212,25 @@ def test_compiled_layers_on_triton_match_eager():
         assert rel_err(a, b) < 1e-2
 
 
+def test_cudnn_context_in_the_step_matches_standard(monkeypatch):
+    # 64 samples of GQA (256 rows a KV head): on a Hopper GPU the context's launch by cuDNN's attention,
+    # eager and compiled, against standard attention
+    bt = pytest.importorskip("bifurcated_triton")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("cuDNN takes the context's launch on Hopper GPUs only")
+    called, launch = [], bt.launch_cudnn
+    monkeypatch.setattr(bt, "launch_cudnn", lambda *args: called.append(1) or launch(*args))
+    model = on_kernels(n_layer=1)
+    prompt = torch.randint(0, model.config.vocab_size, (256,)).tolist()
+    tokens = torch.randint(0, model.config.vocab_size, (64, 4), device="cuda")
+    std = step_logits(model, "standard", prompt, tokens)
+    bif = step_logits(model, "bifurcated", prompt, tokens)
+    assert called
+    compiled = step_logits(torch.compile(model, fullgraph=True, dynamic=False), "bifurcated", prompt, tokens)
+    for a, b, c in zip(bif, compiled, std):
+        assert rel_err(a, c) < 1e-2 and rel_err(b, c) < 1e-2
+
+
 def greedy_runs(config: str, num_samples: int, max_new_tokens: int):
     """A tiny random model of `config` on CUDA and a 50-token prompt: run(compile), generate's greedy
     samples, and the runs eager and compiled."""
