@@ -13,21 +13,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, as a script
 
 import torch
-import triton.testing
 
+from bench_attention import time_us  # exits without a CUDA GPU
+from bifurcated import merge_partials, partial_attention
 from bifurcated_triton import Tiles, context_partials
 
 # (KV heads, context, n): 32 query heads of 128 dims
 SHAPES = [(32, 8192, 256), (32, 8192, 512), (8, 8192, 64), (8, 8192, 256), (32, 4096, 512), (32, 8192, 32)]
 SPLITS = (1, 2, 4, 8)
-
-
-def time_us(fn, sets: list[tuple]) -> float:
-    """Median us of one call, CUDA-graphed, over the sets of inputs in turn (a layer's reads not in L2)."""
-    def all_sets():
-        for s in sets:
-            fn(*s)
-    return 1e3 * triton.testing.do_bench_cudagraph(all_sets, rep=100, return_mode="median") / len(sets)
 
 
 def ours(q, k, v):
@@ -36,8 +29,7 @@ def ours(q, k, v):
 
 def merged_ours(q, k, v):
     o, l = ours(q, k, v)
-    w = torch.softmax(l * math.log(2), dim=0)  # the exact merge of the splits
-    return (w[..., None] * o).sum(0)  # (Hkv, R, D)
+    return merge_partials(list(zip(o, l * math.log(2))))  # (Hkv, R, D)
 
 
 def library(kind: str, S: int, q, k, v):
@@ -58,15 +50,14 @@ def library(kind: str, S: int, q, k, v):
 
 def merged_library(kind: str, S: int, q, k, v):
     o, l = library(kind, S, q, k, v)
-    w = torch.softmax(l.reshape(S, o.size(1), o.size(2)).float(), dim=0)  # (S, Hkv, R)
-    return (w[..., None] * o.float()).sum(0)  # (Hkv, R, D)
+    return merge_partials(list(zip(o.float(), l.reshape(S, o.size(1), o.size(2)).float())))  # (Hkv, R, D)
 
 
 def reference(q, k, v):
     n, H, _, D = q.shape
     Hkv = k.size(0)
-    qq = q.view(n, Hkv, H // Hkv, D).permute(1, 0, 2, 3).reshape(Hkv, n * H // Hkv, D).float()  # (Hkv, R, D)
-    return torch.softmax(qq @ k.float().transpose(1, 2) / math.sqrt(D), -1) @ v.float()  # (Hkv, R, D)
+    qq = q.view(n, Hkv, H // Hkv, D).permute(1, 0, 2, 3).reshape(Hkv, n * H // Hkv, D)  # (Hkv, R, D)
+    return partial_attention(qq.float(), k.float(), v.float())[0]  # (Hkv, R, D), the plain-PyTorch path
 
 
 def main(output: str | None) -> list[dict]:
