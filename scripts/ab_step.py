@@ -90,7 +90,29 @@ def dense_add_after():
     return lt, "dense_linear", dense_linear
 
 
-VARIANTS = {"main": lambda: None, "context-1-wave": lambda: context_tiles(waves=1),
+def partials_fp32():
+    """The attention's partial outputs (each context split's, the own slots') in fp32 rather than q's dtype."""
+    new_partials = bt.new_partials
+
+    def fp32_partials(P, q, Hkv):
+        o, l = new_partials(P, q, Hkv)
+        return o.float(), l
+    return bt, "new_partials", fp32_partials
+
+
+def cudnn_q_copy():
+    """cuDNN's context launches with their query, the R rows of a KV head for each of P splits, copied into P
+    replicas first rather than passed as a stride-0 view."""
+    sdpa = torch.ops.aten._scaled_dot_product_cudnn_attention
+
+    def sdpa_q_copy(q, *args):
+        return sdpa(q.contiguous(), *args)
+    sdpa_q_copy.default = sdpa.default  # what the compiled code calls
+    return torch.ops.aten, "_scaled_dot_product_cudnn_attention", sdpa_q_copy
+
+
+VARIANTS = {"main": lambda: None, "partials-fp32": partials_fp32, "cudnn-q-copy": cudnn_q_copy,
+            "context-1-wave": lambda: context_tiles(waves=1),
             "context-4-waves": lambda: context_tiles(waves=4), "context-wide-128": lambda: context_tiles(wide_rows=128),
             "attention-2-waves": lambda: attention_rows(2, 64), "attention-2-waves-128": lambda: attention_rows(2, 128),
             "attention-1-wave-64": lambda: attention_rows(1, 64), "int8-bf16": lambda: int8_f16(False, False),
