@@ -497,7 +497,9 @@ def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: boo
         if triton.cdiv(N, 128) >= n_sm:
             return Tiles(block_n=128, block_k=64, waves=1, stages=4, warps=8)
         return Tiles(block_n=64, block_k=128, waves=1, stages=3)
-    if block_m >= 64:
+    # narrow layers of more 32-channel programs than SMs (Mistral-7B's wqkv, N = 6144: 192) at 17 to 32 rows,
+    # 16-row tiles: 64 channels a program, one wave (H100, 32 rows: 24.0 -> 20.6 us, linear-mistral.md)
+    if block_m >= 64 or (not row_tiles and not wide and 16 < M <= 32 and triton.cdiv(N, 32) > n_sm):
         return Tiles(block_n=64, block_k=128, splits=1, stages=4)
     return Tiles(block_n=64, block_k=128, waves=1, stages=5) if wide else Tiles(block_k=128, splits=1, stages=8)
 

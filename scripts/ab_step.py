@@ -111,7 +111,18 @@ def cudnn_q_copy():
     return torch.ops.aten, "_scaled_dot_product_cudnn_attention", sdpa_q_copy
 
 
-VARIANTS = {"main": lambda: None, "partials-fp32": partials_fp32, "cudnn-q-copy": cudnn_q_copy,
+def narrow_tiles_before():
+    """bf16 layers narrower than linear_triton.WIDE at 17 to 32 rows in 32-channel programs, however many (before
+    64-channel ones where those are more than the SMs)."""
+    tiles = lt.default_tiles
+
+    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False):
+        narrow = kind == "bf16" and N < lt.WIDE and 16 < M <= 32 and not row_tiles
+        return lt.Tiles(block_k=128, splits=1, stages=8) if narrow else tiles(kind, N, M, n_sm, row_tiles, swiglu)
+    return lt, "default_tiles", default_tiles
+
+
+VARIANTS = {"main": lambda: None, "narrow-tiles-before": narrow_tiles_before, "partials-fp32": partials_fp32, "cudnn-q-copy": cudnn_q_copy,
             "context-1-wave": lambda: context_tiles(waves=1),
             "context-4-waves": lambda: context_tiles(waves=4), "context-wide-128": lambda: context_tiles(wide_rows=128),
             "attention-2-waves": lambda: attention_rows(2, 64), "attention-2-waves-128": lambda: attention_rows(2, 128),

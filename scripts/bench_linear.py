@@ -31,7 +31,8 @@ from linear_triton import Tiles, default_tiles, row_tiles_on, run_linear
 from model import swiglu
 
 SHAPES = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w1": (11008, 4096), "w2": (4096, 11008), "w13": (22016, 4096),
-          "output": (32000, 4096)}
+          "output": (32000, 4096),
+          "mistral-wqkv": (6144, 4096), "mistral-w13": (28672, 4096), "mistral-w2": (4096, 14336)}  # wo as Llama's
 SWEEP = [Tiles(block_n=n, block_k=k, waves=w, stages=s, warps=nw)
          for n, k, w, s, nw in [(16, 256, 2, 4, 4), (16, 512, 2, 3, 4), (32, 256, 2, 4, 4), (32, 256, 2, 3, 4),
                                 (32, 128, 4, 4, 4), (32, 128, 1, 6, 4), (32, 128, 2, 6, 4), (32, 512, 2, 3, 8),
@@ -103,9 +104,9 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
                         for t in (tiles("int4") if "int4" in weights else [])]
                      + [(f"triton {kind} swiglu", f"{kind} swiglu", lambda *a, k=kind: run_linear(
                          *a, group=INT4_GROUP if k == "int4" else 0, swiglu=True), default(kind))
-                        for kind in weights if name == "w13"]
+                        for kind in weights if name.endswith("w13")]
                      + ([("triton bf16 residual", "bf16 residual", lambda x, w, s: run_linear(x, w, s, residual=res),
-                          default("bf16"))] if "bf16" in weights and name in ("wo", "w2") else []))
+                          default("bf16"))] if "bf16" in weights and name.endswith(("wo", "w2")) else []))
             res = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)  # (M, N)
             kinds["bf16 residual"], expected["bf16 residual"] = kinds["bf16"], expected["bf16"] + res.float()
             for path, kind, fn, t in paths:

@@ -322,7 +322,7 @@ def test_prefill_graph_of_kernels_matches_eager():
 @pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("M", [1, 7, 32, 64, 65])  # 65: above the kernel's rows, cuBLAS takes it
-@pytest.mark.parametrize("N,K", [(12288, 4096), (22016, 4096), (4096, 11008), (136, 96)])
+@pytest.mark.parametrize("N,K", [(12288, 4096), (22016, 4096), (4096, 11008), (6144, 4096), (136, 96)])
 def test_linear_kernel(kind, M, N, K, swiglu):
     linear_triton = pytest.importorskip("linear_triton")
     g = torch.Generator("cuda").manual_seed(M * N + K)
