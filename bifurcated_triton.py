@@ -4,8 +4,8 @@
 #   1. context: for KV head j, a tile of the n*g query rows that use it against a slice of the
 #      shared context (a real matrix product on tensor cores). The context is split across thread
 #      blocks (split-K) so that every SM streams a part of it; each returns its partial output,
-#      normalized, in q's dtype, and its log-sum-exp in fp32. From 128 rows a block on a Hopper GPU, cuDNN's attention
-#      takes this launch (cudnn_context), its products being faster there.
+#      normalized, in q's dtype, and its log-sum-exp in fp32. From 128 rows a block on a Hopper GPU,
+#      cuDNN's attention takes this launch (cudnn_context), its products being faster there.
 #   2. own + merge: for sample i and KV head j, its g query rows against its own filled decode
 #      slots, then the exact LSE merge of that with the context's partials of those rows, in fp32
 #      (for MHA, g = 1, a program per query row, on the CUDA cores).

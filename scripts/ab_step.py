@@ -122,8 +122,8 @@ def narrow_tiles_before():
     return lt, "default_tiles", default_tiles
 
 
-VARIANTS = {"main": lambda: None, "narrow-tiles-before": narrow_tiles_before, "partials-fp32": partials_fp32, "cudnn-q-copy": cudnn_q_copy,
-            "context-1-wave": lambda: context_tiles(waves=1),
+VARIANTS = {"main": lambda: None, "narrow-tiles-before": narrow_tiles_before, "partials-fp32": partials_fp32,
+            "cudnn-q-copy": cudnn_q_copy, "context-1-wave": lambda: context_tiles(waves=1),
             "context-4-waves": lambda: context_tiles(waves=4), "context-wide-128": lambda: context_tiles(wide_rows=128),
             "attention-2-waves": lambda: attention_rows(2, 64), "attention-2-waves-128": lambda: attention_rows(2, 128),
             "attention-1-wave-64": lambda: attention_rows(1, 64), "int8-bf16": lambda: int8_f16(False, False),
