@@ -336,7 +336,7 @@ class Tiles:
     # bench/results/h200/attention-mid-rows.md)
     mid_rows: Optional[tuple[int, int]] = (32, 64)
     # the 128-row blocks' launches by cuDNN's attention where it serves them (cudnn_context); on an H100
-    # one layer's context at 8K, MHA n = 256: 78.1 -> 65.9 us, GQA n = 256: 74.4 -> 65.7 (lib-context.md)
+    # one layer's context at 8K, MHA n = 256: 78.1 -> 65.9 us, GQA n = 256: 74.4 -> 65.1 (lib-context.md)
     cudnn: bool = True
 
 
@@ -610,11 +610,13 @@ def launch_context(q: Tensor, k: Tensor, v: Tensor, lens: Optional[Tensor], o_pa
 
 def cudnn_context(q: Tensor, k: Tensor, lens: Optional[Tensor], plan: tuple[int, int, int], tiles: Tiles) -> bool:
     """Whether cuDNN's attention takes a context launch: blocks of 128 rows (Tiles.wide_rows), a whole
-    context (no lengths) in P equal splits, on a Hopper GPU (where it was measured) with PyTorch's cuDNN
-    attention on. There its products run faster than ours (lib-context.md); not beside the second stream."""
+    context (no lengths) in P equal splits, bf16 or fp16 (cuDNN's attention has no fp32), on a Hopper GPU
+    (where it was measured) with PyTorch's cuDNN attention on. There its products run faster than ours
+    (lib-context.md); not beside the second stream."""
     block_r, P, _ = plan
     return (tiles.cudnn and block_r >= 128 and lens is None and k.size(-2) % P == 0 and q.is_cuda and q.is_contiguous()
-            and q.size(-1) in (64, 128) and torch.cuda.get_device_capability(q.device)[0] == 9
+            and q.dtype in (torch.bfloat16, torch.float16) and q.size(-1) in (64, 128)
+            and torch.cuda.get_device_capability(q.device)[0] == 9
             and torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cudnn.is_available()
             and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"))
 

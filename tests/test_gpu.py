@@ -44,12 +44,14 @@ def test_side_stream_attention_bf16(M, slot, monkeypatch):
 @pytest.mark.parametrize("Hkv,n,M", [(32, 256, 8192), (8, 256, 8192), (8, 64, 4096), (32, 256, 8191)])
 def test_cudnn_context_bf16(Hkv, n, M):
     # 128-row blocks on a Hopper GPU: the context by cuDNN's attention in the plan's equal splits
-    # (8191 keys are not two equal ones: ours), its partials merged with ours
+    # (8191 keys are not two equal ones: ours; nor fp32, which cuDNN's attention lacks), its partials merged with ours
     bt = pytest.importorskip("bifurcated_triton")
-    q, k = torch.empty(n, 32, 1, 128, device="cuda"), torch.empty(Hkv, M, 128, device="cuda")
+    q = torch.empty(n, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.empty(Hkv, M, 128, device="cuda", dtype=torch.bfloat16)
     tiles, level = bt.context_level(n * 32 // Hkv, k, k, bt.num_sms(q), bt.Tiles())
     hopper = torch.cuda.get_device_capability()[0] == 9
     assert bt.cudnn_context(q, k, None, level.plan, tiles) == (hopper and M % level.plan[1] == 0)
+    assert not bt.cudnn_context(q.float(), k.float(), None, level.plan, tiles)
     check_decode_attention(True, Hkv, n, M, 100, T=128)
 
 
