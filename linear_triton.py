@@ -129,12 +129,12 @@ def _silu_mul(gate, up):
 
 
 @triton.jit
-def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOCK_M: tl.constexpr,
+def _linear_kernel(X, W, S, Out, Res, XL, XS, M, N, K, CHUNK, SCALED: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
                    SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, MAGIC: tl.constexpr = 0,
                    BIAS: tl.constexpr = 0.0, DEQ: tl.constexpr = None, I8F16: tl.constexpr = None,
                    X_SCALE: tl.constexpr = 1.0, XPERM: tl.constexpr = False,
-                   TILES: tl.constexpr = 0):
+                   TILES: tl.constexpr = 0, DIGITS: tl.constexpr = False):
     nb, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     cols, cmask = _program_channels(nb, N, BLOCK_N, SWIGLU)
@@ -155,12 +155,18 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
         col_scale = tl.load(S + cols, mask=cmask, other=0.0).to(tl.float32)  # (BLOCK_N,)
     if RESIDUAL:
         res = tl.load(Res + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    if DIGITS:  # x's scale of each row
+        row_scale = tl.load(XS + rows, mask=rmask, other=0.0)  # (BLOCK_M,) fp32
     # y^T = W x^T: W's rows fill the MMA's large side, x's few rows (padded to 16) the small one
     # (int8 with x in fp16, I8F16: x's rows the first operand, so that each warp converts weights of its own)
     acc = tl.zeros([BLOCK_M, BLOCK_N] if I8F16 is not None else [BLOCK_N, BLOCK_M], tl.float32)
     # int4 with x in the weight's order: the 4 phases' products into 4 accumulators, so that ptxas lets them
     # run together (one accumulator: Triton waits for each product; x split in registers: so does ptxas)
     acc1, acc2, acc3 = acc, acc, acc
+    if DIGITS:  # int8 x int8 products of x's high and low digits, exact in int32
+        xl_ptrs = XL + rows[:, None] * K + start + kk[None, :]  # (BLOCK_M, BLOCK_K)
+        acc_hi = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
+        acc_lo = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
     # whole K blocks up to K; masks along K only where K is not a multiple of BLOCK_K (a mask that
     # varies along a row would split the weight loads into narrow ones)
     # TILES (K tiles a split, all splits whole): a loop of fixed length, without the branch around a loop that
@@ -228,16 +234,25 @@ def _linear_kernel(X, W, S, Out, Res, M, N, K, CHUNK, SCALED: tl.constexpr, BLOC
                 w = tl.inline_asm_elementwise(asm=I8F16, constraints="=r,=r,r", args=[w], dtype=tl.float16,
                                               is_pure=True, pack=4)
                 acc = tl.dot(x, tl.trans(w), acc)  # (BLOCK_M, BLOCK_N)
+            elif DIGITS:  # x: the high digits, XL the low ones. The weight goes to the tensor cores as it is
+                x_lo = tl.load(xl_ptrs, mask=rmask[:, None] & kmask, other=0)  # (BLOCK_M, BLOCK_K)
+                xl_ptrs += BLOCK_K
+                acc_hi = tl.dot(w, tl.trans(x), acc_hi, out_dtype=tl.int32)  # (BLOCK_N, BLOCK_M)
+                acc_lo = tl.dot(w, tl.trans(x_lo), acc_lo, out_dtype=tl.int32)
             else:
                 acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # (BLOCK_N, BLOCK_M); int8 -> bf16 is exact
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K // 4 if DEQ is not None else BLOCK_K // 2 if GROUP else BLOCK_K
     if XPERM:
         acc = (acc + acc1) + (acc2 + acc3)
+    if DIGITS:  # x = (256 hi + lo) row_scale; 256 hi . w alone could overflow int32
+        acc = acc_hi.to(tl.float32) * 256.0 + acc_lo.to(tl.float32)
     if I8F16 is None:
         acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
     if SCALED and not GROUP:  # the per-channel scale commutes with the sum over K: once, in fp32
         acc *= col_scale[None, :] * X_SCALE  # X_SCALE: x's scale back (I8F16)
+    if DIGITS:
+        acc *= row_scale[:, None]
     if SWIGLU:  # one split: y (M, N / 2) = silu(gate) * up
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # (BLOCK_M, BLOCK_N / 2) each
         f = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
@@ -448,6 +463,7 @@ class Tiles:
     f16: bool = False  # int8: x in fp16 and the weights into fp16 by bit operations (I8F16); on a GPU
     gemv: bool = False  # int4 at one row: the CUDA-core kernel (_gemv_int4_kernel), block_k / group groups a step
     xperm: bool = False  # int4 with bf16 x on a GPU: x's channels in the order of the dequantized weight (DEQ)
+    digits: bool = False  # int8: x as two int8 digits of a 16-bit fixed point a row, int8 products (DIGITS)
 
 
 # GPUs whose bf16 tiles from 17 rows are default_tiles' own (row_tiles=True): there they were measured
@@ -543,6 +559,10 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     f16 = tiles.f16 and kind == "int8" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
     if f16 and x.dtype == torch.bfloat16:  # under torch.compile the conversion joins the kernel that makes x
         x, x_scale = (x * 2.0 ** -X_SHIFT).to(torch.float16), 2.0 ** X_SHIFT
+    digits = tiles.digits and kind == "int8" and not f16
+    x_lo = row_scale = None
+    if digits:  # as f16's conversion, Inductor joins this to the kernel that makes x
+        x, x_lo, row_scale = int8_digits(x)
     if group and scales.storage_offset() % 2:  # the kernel reads each (scale, zero) pair as one 32-bit word
         scales = scales.clone()
     if tiles.gemv and group and M == 1 and group % 8 == 0:
@@ -565,10 +585,11 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         x = x.view(M, K // block_k, block_k // 4, 4).transpose(-1, -2).reshape(M, K)
     torch.library.wrap_triton(_linear_kernel)[(triton.cdiv(N, tiles.block_n), P)](
         x, weight, weight if scales is None else scales, part, x if residual is None else residual,
-        M, N, K, chunk,  # S unused unless SCALED, Res unless RESIDUAL
+        weight if x_lo is None else x_lo, weight if row_scale is None else row_scale, M, N, K, chunk,
+        # S unused unless SCALED, Res unless RESIDUAL, XL and XS unless DIGITS
         SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP=group,
         EVEN_K=K % block_k == 0, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        MAGIC=MAGIC[x.dtype][0], BIAS=MAGIC[x.dtype][1],
+        MAGIC=MAGIC.get(x.dtype, (0,))[0], BIAS=MAGIC.get(x.dtype, (0, 0.0))[1], DIGITS=digits,
         DEQ=_DEQUANT_INT4 if deq else None, I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale,
         XPERM=bool(deq and tiles.xperm), TILES=chunk // block_k if deq and tiles.xperm and K % chunk == 0 else 0,
         num_warps=tiles.warps, num_stages=tiles.stages)
@@ -599,6 +620,23 @@ def run_gemv(x: Tensor, weight: Tensor, scales: Tensor, tiles: Tiles, group: int
         WORD=_WORD if x.is_cuda else None, PAIRS=pairs, ROUND_BF16=dtype == torch.bfloat16,
         num_warps=tiles.warps, num_stages=tiles.stages)
     return out
+
+
+# int8 with x in digits (Tiles.digits): each row of x as q row_scale, q an integer of at most DIGITS_MAX, the
+# row's largest |x| (16-bit fixed point: each value within row_scale / 2 = max|x| 2^-16 of x), and q = 256 hi + lo
+# with hi, lo in [-127, 127]. The kernel multiplies the int8 weight by hi and by lo on the tensor cores, exactly:
+# no conversion of the weight at all
+DIGITS_MAX = 127 * 256 + 127
+
+
+def int8_digits(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x (M, K) -> its digits hi, lo (M, K) int8 and row scales (M,) fp32 (two outputs, not one of both: a
+    concatenation would keep Inductor from writing them in the kernel that makes x)."""
+    xf = x.float()
+    row_scale = xf.abs().amax(1, keepdim=True).clamp_min(1e-30) / DIGITS_MAX  # (M, 1)
+    q = torch.round(xf / row_scale)
+    hi = torch.floor((q + 128) / 256)
+    return hi.to(torch.int8), (q - 256 * hi).to(torch.int8), row_scale.view(-1)
 
 
 def gemv_input(x: Tensor) -> Tensor:

@@ -122,8 +122,23 @@ def narrow_tiles_before():
     return lt, "default_tiles", default_tiles
 
 
+def int8_digits(every: bool, wide: "lt.Tiles | None" = None):
+    """int8 layers with x in digits (Tiles.digits) instead of fp16: the wide ones (whose tiles take x in fp16), or
+    every one; wide: the wide ones on these tiles instead of main's."""
+    tiles = lt.default_tiles
+
+    def default_tiles(kind, *args, **kwargs):
+        t = tiles(kind, *args, **kwargs)
+        if kind != "int8" or not (t.f16 or every):
+            return t
+        return dataclasses.replace(wide if wide is not None and t.f16 else t, f16=False, digits=True)
+    return lt, "default_tiles", default_tiles
+
+
 VARIANTS = {"main": lambda: None, "narrow-tiles-before": narrow_tiles_before, "partials-fp32": partials_fp32,
             "cudnn-q-copy": cudnn_q_copy, "context-1-wave": lambda: context_tiles(waves=1),
+            "int8-digits": lambda: int8_digits(False), "int8-digits-all": lambda: int8_digits(True),
+            "int8-digits-64": lambda: int8_digits(False, lt.Tiles(block_n=64, block_k=256, waves=1, stages=4)),
             "context-4-waves": lambda: context_tiles(waves=4), "context-wide-128": lambda: context_tiles(wide_rows=128),
             "attention-2-waves": lambda: attention_rows(2, 64), "attention-2-waves-128": lambda: attention_rows(2, 128),
             "attention-1-wave-64": lambda: attention_rows(1, 64), "int8-bf16": lambda: int8_f16(False, False),

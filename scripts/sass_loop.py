@@ -10,6 +10,7 @@
 #
 #   python scripts/sass_loop.py int4 32 64 128 4      # weights (bf16, int8, int4), BLOCK_M, BLOCK_N, BLOCK_K, stages
 #   python scripts/sass_loop.py int8-f16 32 64 128 4  # int8 with x in fp16 (linear_triton.Tiles.f16)
+#   python scripts/sass_loop.py int8-digits 32 64 256 4  # int8 with x in digits (linear_triton.Tiles.digits)
 #   python scripts/sass_loop.py int4-xperm 32 64 128 4  # int4 with x reordered (Tiles.xperm; wqkv's 16 K tiles a split)
 #   python scripts/sass_loop.py gemv 1 64 128 1       # int4's one-row kernel (linear_triton.Tiles.gemv)
 import collections
@@ -27,7 +28,8 @@ from triton.compiler import ASTSource
 
 import linear_triton as lt
 
-VARIANTS = {"int8-f16": "int8", "int4-xperm": "int4"}  # a kind of weight on another path: its kind
+# a kind of weight on another path: its kind
+VARIANTS = {"int8-f16": "int8", "int8-digits": "int8", "int4-xperm": "int4"}
 
 
 def compile_gemv(block_n: int, block_k: int, stages: int, warps: int):
@@ -42,17 +44,18 @@ def compile_gemv(block_n: int, block_k: int, stages: int, warps: int):
 
 
 def compile_linear(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps: int):
-    f16, xperm = kind == "int8-f16", kind == "int4-xperm"
+    f16, xperm, digits = kind == "int8-f16", kind == "int4-xperm", kind == "int8-digits"
     kind = VARIANTS.get(kind, kind)
-    sig = {"X": "*fp16" if f16 else "*bf16", "W": {"bf16": "*bf16", "int8": "*i8"}.get(kind, "*u8"), "S": "*bf16",
-           "Out": "*bf16", "Res": "*bf16", "M": "i32", "N": "i32", "K": "i32", "CHUNK": "i32"}
+    sig = {"X": "*fp16" if f16 else "*i8" if digits else "*bf16", "W": {"bf16": "*bf16", "int8": "*i8"}.get(kind, "*u8"),
+           "S": "*bf16", "Out": "*bf16", "Res": "*bf16", "XL": "*i8", "XS": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+           "CHUNK": "i32"}
     const = dict(SCALED=kind != "bf16", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                  GROUP=128 if kind == "int4" else 0, EVEN_K=True, SWIGLU=False, RESIDUAL=False, MAGIC=0x4300,
                  BIAS=128.0, DEQ=lt._DEQUANT_INT4 if kind == "int4" and block_k >= 64 else None,
                  I8F16=lt._I8_TO_F16 if f16 else None, X_SCALE=2.0 ** lt.X_SHIFT if f16 else 1.0,
-                 XPERM=xperm, TILES=16 if xperm else 0)
+                 XPERM=xperm, TILES=16 if xperm else 0, DIGITS=digits)
     sig.update({k: "constexpr" for k in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7, 8)}  # not M
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9, 10)}  # not M
     return triton.compile(ASTSource(lt._linear_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 

@@ -386,6 +386,27 @@ def test_linear_kernel_int8_f16_range(M):
     assert out.isfinite().all() and rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("tiles", [(32, 256, 3, 4), (64, 128, 4, 4), (128, 128, 3, 8)], ids=str)
+@pytest.mark.parametrize("M", [1, 32, 64])
+@pytest.mark.parametrize("N,K,swiglu", [(12288, 4096, False), (22016, 4096, True), (4096, 11008, False)])
+def test_linear_kernel_int8_digits(M, N, K, swiglu, tiles):
+    # int8 with x in digits (Tiles.digits: int8 products of x's 16-bit fixed point, mma.sync at 32 channels,
+    # wgmma from 64), split K and not, with a residual: against the fp64 product
+    linear_triton = pytest.importorskip("linear_triton")
+    g = torch.Generator("cuda").manual_seed(M * N + K)
+    x = (torch.randn(M, K, generator=g, device="cuda") * torch.logspace(-2, 2, K, device="cuda")).to(torch.bfloat16)
+    w = torch.randint(-127, 128, (N, K), generator=g, device="cuda", dtype=torch.int8)  # (N, K)
+    s = (torch.rand(N, generator=g, device="cuda") * 1e-3).to(torch.bfloat16)  # (N,)
+    res = torch.randn(M, N, generator=g, device="cuda").to(torch.bfloat16)
+    ref = (x.double() @ w.double().t()) * s.double()
+    block_n, block_k, stages, warps = tiles
+    t = linear_triton.Tiles(block_n=block_n, block_k=block_k, waves=1, stages=stages, warps=warps, digits=True)
+    if swiglu:
+        assert rel_err(linear_triton.run_linear(x, w, s, tiles=t, swiglu=True), model_swiglu(ref)) < 1e-2
+    else:
+        assert rel_err(linear_triton.run_linear(x, w, s, tiles=t, residual=res), ref + res.double()) < 1e-2
+
+
 @pytest.mark.parametrize("xperm", [False, True], ids=["x", "xperm"])
 @pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
 @pytest.mark.parametrize("group", [64, 128, 256])

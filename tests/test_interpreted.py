@@ -99,7 +99,7 @@ def rel(out, ref):
     return ((out - ref).norm() / ref.norm()).item()
 
 torch.manual_seed(0)
-worst = worst16 = 0.0
+worst = worst16 = worst_digits = 0.0
 for M, N, K in [(3, 64, 256), (1, 48, 160), (17, 96, 512)]:  # rows, output and input channels
     x, w, res = torch.randn(M, K), torch.randn(N, K) * 0.05, torch.randn(M, N)
     ref = x @ w.t()
@@ -114,6 +114,10 @@ for M, N, K in [(3, 64, 256), (1, 48, 160), (17, 96, 512)]:  # rows, output and 
         worst = max(worst, rel(lt.run_linear(x, w, None, tiles=tiles, residual=res), ref + res))
         worst = max(worst, rel(lt.run_linear(x, w, None, tiles=tiles, swiglu=True), swiglu(ref)))
         worst = max(worst, rel(lt.run_linear(x, q, s, tiles=tiles), ref8))
+        # int8 with x in digits (Tiles.digits: x to a 16-bit fixed point a row, max|x| 2^-16 off at most)
+        td = lt.Tiles(block_n=tiles.block_n, block_k=tiles.block_k, splits=tiles.splits, digits=True)
+        for kw, expected in [({}, ref8), (dict(residual=res), ref8 + res), (dict(swiglu=True), swiglu(ref8))]:
+            worst_digits = max(worst_digits, rel(lt.run_linear(x, q, s, tiles=td, **kw), expected))
         t4 = lt.Tiles(block_n=tiles.block_n, block_k=32, splits=tiles.splits)  # within a group of 32
         worst = max(worst, rel(lt.run_linear(x, packed, sz, tiles=t4, group=32), ref4))
         worst = max(worst, rel(lt.run_linear(x, packed, sz, tiles=t4, group=32, swiglu=True), swiglu(ref4)))
@@ -144,8 +148,15 @@ for M, N, K in [(40, 4096, 64), (20, 8192, 64), (33, 8192, 64), (64, 8200, 128)]
     ref = x @ w.t()
     worst = max(worst, rel(lt.run_linear(x, w, None, residual=res), ref + res))
     worst = max(worst, rel(lt.run_linear(x, w, None, swiglu=True), swiglu(ref)))
-print("worst relative error", worst, "with fp16 pairs", worst16)
-assert worst < 1e-5 and 0 < worst16 < 1e-3, (worst, worst16)
+# the digits: in [-127, 127], and (256 hi + lo) row_scale within row_scale / 2 of x
+x = torch.randn(5, 300) * torch.logspace(-3, 3, 5)[:, None]
+hi, lo, row_scale = lt.int8_digits(x)
+assert hi.dtype == lo.dtype == torch.int8 and hi.shape == lo.shape == x.shape
+assert hi.abs().max() <= 127 and lo.abs().max() <= 127
+back = (256 * hi.double() + lo.double()) * row_scale.double()[:, None]
+assert ((back - x.double()).abs() <= row_scale.double()[:, None] * 0.5001).all()
+print("worst relative error", worst, "with fp16 pairs", worst16, "with x in digits", worst_digits)
+assert worst < 1e-5 and 0 < worst16 < 1e-3 and 0 < worst_digits < 1e-4, (worst, worst16, worst_digits)
 """
 
 
