@@ -492,9 +492,13 @@ def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: boo
     # int8 wide layers (wqkv, w13) take x in fp16: its conversion joins the norm before them under
     # torch.compile; whole steps at 8K n = 32, int8, one process: 5.79 ms with none, 5.57-5.59 with w13, 5.52
     # with both, 5.57 with wo and w2 too, whose x comes from Triton kernels and so needs a conversion kernel
-    # (H100, bench/results/h100-80gb-hbm3/int8-f16.md)
+    # (H100, bench/results/h100-80gb-hbm3/int8-f16.md). At 17 to 32 rows they take x in int8 digits instead
+    # (Tiles.digits: int8 products, the weight never converted), 64 channels a program: alone, wqkv 23.5 -> 21.2
+    # us, w13 47.8 -> 34.4; whole steps at 8K n = 32: 5.449 -> 5.380 ms (H100, int8-digits.md)
     wide = N >= WIDE
     if kind == "int8":
+        if wide and 16 < M <= 32:
+            return Tiles(block_n=64, block_k=128, waves=1, stages=4, digits=True)
         if wide:
             return Tiles(block_n=64, block_k=128, waves=1, stages=4, f16=True) if swiglu else Tiles(
                 block_k=256, stages=3, f16=True)

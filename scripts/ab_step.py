@@ -55,7 +55,7 @@ def int8_f16(wide: bool, narrow: bool):
 
     def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False):
         t = tiles(kind, N, M, n_sm, row_tiles, swiglu)
-        return dataclasses.replace(t, f16=wide if N >= lt.WIDE else narrow) if kind == "int8" else t
+        return dataclasses.replace(t, f16=wide if N >= lt.WIDE else narrow, digits=False) if kind == "int8" else t
     return lt, "default_tiles", default_tiles
 
 
@@ -122,16 +122,25 @@ def narrow_tiles_before():
     return lt, "default_tiles", default_tiles
 
 
-def int8_digits(every: bool, wide: "lt.Tiles | None" = None):
-    """int8 layers with x in digits (Tiles.digits) instead of fp16: the wide ones (whose tiles take x in fp16), or
-    every one; wide: the wide ones on these tiles instead of main's."""
+def int8_x_fp16():
+    """int8 as before int8-digits.md: the wide layers' x in fp16 at every row count (their one-row tiles)."""
     tiles = lt.default_tiles
 
-    def default_tiles(kind, *args, **kwargs):
-        t = tiles(kind, *args, **kwargs)
-        if kind != "int8" or not (t.f16 or every):
+    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False):
+        return tiles(kind, N, 1 if kind == "int8" else M, n_sm, row_tiles, swiglu)
+    return lt, "default_tiles", default_tiles
+
+
+def int8_digits(every: bool, wide: "lt.Tiles | None" = None):
+    """int8 layers with x in digits (Tiles.digits): the wide ones (main's), or every one; wide: the wide ones on
+    these tiles instead of main's."""
+    tiles = lt.default_tiles
+
+    def default_tiles(kind, N, *args, **kwargs):
+        t = tiles(kind, N, *args, **kwargs)
+        if kind != "int8" or not (N >= lt.WIDE or every):
             return t
-        return dataclasses.replace(wide if wide is not None and t.f16 else t, f16=False, digits=True)
+        return dataclasses.replace(wide if wide is not None and N >= lt.WIDE else t, f16=False, digits=True)
     return lt, "default_tiles", default_tiles
 
 
@@ -142,7 +151,7 @@ VARIANTS = {"main": lambda: None, "narrow-tiles-before": narrow_tiles_before, "p
             "context-4-waves": lambda: context_tiles(waves=4), "context-wide-128": lambda: context_tiles(wide_rows=128),
             "attention-2-waves": lambda: attention_rows(2, 64), "attention-2-waves-128": lambda: attention_rows(2, 128),
             "attention-1-wave-64": lambda: attention_rows(1, 64), "int8-bf16": lambda: int8_f16(False, False),
-            "int8-f16-all": lambda: int8_f16(True, True),
+            "int8-f16-all": lambda: int8_f16(True, True), "int8-x-fp16": int8_x_fp16,
             "int4-gemv": lambda: (lt, "GEMV_ROWS", 1), "int4-tinygemm": lambda: (lt, "GEMV_ROWS", 0),
             "int4-gemv-no-pairs": gemv_without_pairs,
             "int4-tiles-before": lambda: int4_tiles(INT4_BEFORE, INT4_BEFORE),

@@ -252,7 +252,9 @@ def test_ab_step_variants_and_caches():
     # GQA n = 32 (128 rows a KV head): two 64-row blocks in 2 waves, or one 128-row block in one wave
     assert bt.context_plan(128, 8192, 8, 132) == (64, 16, 512)
     assert ab_step.with_variant("context-wide-128", lambda: bt.context_plan(128, 8192, 8, 132)) == (128, 16, 512)
-    assert tiles("int8", 12288, 32).f16 and not tiles("int8", 4096, 32).f16
+    assert tiles("int8", 12288, 32).digits and not tiles("int8", 4096, 32).digits and tiles("int8", 12288, 1).f16
+    assert ab_step.with_variant("int8-x-fp16", lambda: lt.default_tiles("int8", 12288, 32)).f16
+    assert ab_step.with_variant("int8-digits-all", lambda: lt.default_tiles("int8", 4096, 32)).digits
     assert not ab_step.with_variant("int8-bf16", lambda: lt.default_tiles("int8", 12288, 32)).f16
     assert ab_step.with_variant("int8-f16-all", lambda: lt.default_tiles("int8", 4096, 32)).f16
     assert ab_step.with_variant("int8-f16-all", lambda: lt.default_tiles("bf16", 4096, 32)) == tiles("bf16", 4096, 32)

@@ -575,6 +575,12 @@ def test_quantized_layers_take_epilogues(mode, monkeypatch):
         assert rel_err(model(idx[:, :1], pos[:1])[:, 0], ref[:, 0]) < 1e-2  # 4 rows
         compiled = torch.compile(model, fullgraph=True, dynamic=False)  # the kernel's arguments in Inductor's code
         assert rel_err(compiled(idx[:, :1], pos[:1])[:, 0], ref[:, 0]) < 1e-2
+        if mode == "int8":  # 32 rows (4 x 8 tokens) with wqkv and w13 counted as wide: their x in int8 digits,
+            with monkeypatch.context() as m:  # eager and compiled (Inductor making the digits)
+                m.setattr(linear_triton, "WIDE", 1536)
+                assert linear_triton.default_tiles("int8", 1536, 32).digits
+                assert rel_err(model(idx[:, :8], pos[:8]), ref[:, :8]) < 1e-2
+                assert rel_err(compiled(idx[:, :8], pos[:8]), ref[:, :8]) < 1e-2
         # one row: int4's GEMV, x's fp16 pairs made by Inductor (w2's by w13's epilogue); compiled and eager
         monkeypatch.setattr(linear_triton, "GEMV_ROWS", 1)
         assert rel_err(compiled(idx[:1, :1], pos[:1])[:, 0], ref[:1, 0]) < 1e-2
