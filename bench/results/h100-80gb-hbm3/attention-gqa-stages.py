@@ -1,4 +1,5 @@
-# Run from the repository root as `python bench/results/h100-80gb-hbm3/attention-gqa-stages.py` (attention-gqa-stages.md)
+# Run from the repository root: `python bench/results/h100-80gb-hbm3/attention-gqa-stages.py`
+# (attention-gqa-stages.md)
 # next session: GQA at 128 rows per KV head (Mistral n = 32), one layer: fewer stages with more programs an SM
 # (latency-bound chain, 2 programs an SM by shared memory at 3 stages), against the default
 import itertools, sys, os
