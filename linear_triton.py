@@ -6,7 +6,8 @@
 #   int8 (w8a16): W (N, K) int8 and one scale per output channel (N,); the int8 tile is converted in
 #   registers and the fp32 accumulator multiplied by the scale at the end, so 1 byte per weight is read;
 #   the wide layers' tiles (Tiles.f16) take x in fp16 and turn the weights into fp16 by bit operations
-#   (I8F16), the others into x's dtype by Triton's conversion;
+#   (I8F16), or at 17 to 32 rows (Tiles.digits) x in two int8 digits a value, the weight going to the
+#   tensor cores unconverted (DIGITS); the others into x's dtype by Triton's conversion;
 #   int4 (w4a16, GROUP > 0): W (N, K/2) uint8, input channel 2i in the high nibble, and a scale and
 #   zero point per group of GROUP input channels, S (K/GROUP, N, 2): w = (q - 8) scale + zero
 #   (quantize.py's layout), half a byte per weight. With bf16 x on a GPU (groups of 64 or more) each
