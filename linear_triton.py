@@ -494,8 +494,9 @@ def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: boo
     # torch.compile; whole steps at 8K n = 32, int8, one process: 5.79 ms with none, 5.57-5.59 with w13, 5.52
     # with both, 5.57 with wo and w2 too, whose x comes from Triton kernels and so needs a conversion kernel
     # (H100, bench/results/h100-80gb-hbm3/int8-f16.md). At 17 to 32 rows they take x in int8 digits instead
-    # (Tiles.digits: int8 products, the weight never converted), 64 channels a program: alone, wqkv 23.5 -> 21.2
-    # us, w13 47.8 -> 34.4; whole steps at 8K n = 32: 5.449 -> 5.380 ms (H100, int8-digits.md)
+    # (Tiles.digits: int8 products, the weight never converted), 64 channels a program: alone, against the weight
+    # converted to bf16, wqkv 23.5 -> 21.2 us, w13 47.8 -> 34.4; whole steps at 8K n = 32 against x in fp16:
+    # 5.449 -> 5.380 ms (H100, int8-digits.md)
     wide = N >= WIDE
     if kind == "int8":
         if wide and 16 < M <= 32:

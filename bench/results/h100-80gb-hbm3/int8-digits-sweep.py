@@ -1,8 +1,10 @@
 # Run from the repository root as `python bench/results/h100-80gb-hbm3/int8-digits-sweep.py` (output:
 # int8-digits-sweep.json, int8-digits-best-ab.json; see int8-digits.md). `main` in its A/B was the code then: x in
-# digits on the x-in-fp16 tiles; `int8-x-fp16` there restored x in fp16 on the same tiles (the main of before)
+# digits on the x-in-fp16 tiles; `int8-x-fp16` there restored x in fp16 on the same tiles (the main of before).
+# Its per-layer baseline (`main`) is not x in fp16: from that default with `digits` off, it is x in bf16 and the
+# weight converted by Triton (from today's default, the same path on the new tiles)
 # int8 layers at 32 rows with x in digits: the kernel alone (digits made beforehand) on a sweep of tiles, against
-# main's x-in-fp16 tiles (x in fp16 beforehand); then whole steps with the best digits tiles per layer
+# main's tiles without digits (see above); then whole steps with the best digits tiles per layer
 import sys, os, json, itertools, dataclasses
 sys.path.insert(0, "scripts"); sys.path.insert(0, ".")
 import torch, triton, triton.testing
