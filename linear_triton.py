@@ -569,6 +569,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     x_lo = row_scale = None
     if digits:  # as f16's conversion, Inductor joins this to the kernel that makes x
         x, x_lo, row_scale = int8_digits(x)
+    magic, bias = MAGIC.get(x.dtype, (0, 0.0))  # int4's nibbles to floats (x in digits: int8, unused)
     if group and scales.storage_offset() % 2:  # the kernel reads each (scale, zero) pair as one 32-bit word
         scales = scales.clone()
     if tiles.gemv and group and M == 1 and group % 8 == 0:
@@ -595,7 +596,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         # S unused unless SCALED, Res unless RESIDUAL, XL and XS unless DIGITS
         SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP=group,
         EVEN_K=K % block_k == 0, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        MAGIC=MAGIC.get(x.dtype, (0,))[0], BIAS=MAGIC.get(x.dtype, (0, 0.0))[1], DIGITS=digits,
+        MAGIC=magic, BIAS=bias, DIGITS=digits,
         DEQ=_DEQUANT_INT4 if deq else None, I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale,
         XPERM=bool(deq and tiles.xperm), TILES=chunk // block_k if deq and tiles.xperm and K % chunk == 0 else 0,
         num_warps=tiles.warps, num_stages=tiles.stages)

@@ -132,8 +132,9 @@ def int8_x_fp16():
 
 
 def int8_digits(every: bool, wide: "lt.Tiles | None" = None):
-    """int8 layers with x in digits (Tiles.digits): the wide ones (main's), or every one; wide: the wide ones on
-    these tiles instead of main's."""
+    """int8 layers with x in digits (Tiles.digits) at every row count: the wide ones, or every one, on main's
+    tiles; wide: the wide ones on these tiles instead (int8-digits.md's first A/B ran these on the x-in-fp16
+    tiles, main's then)."""
     tiles = lt.default_tiles
 
     def default_tiles(kind, N, *args, **kwargs):
