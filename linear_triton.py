@@ -481,7 +481,7 @@ def row_tiles_on(device: torch.device) -> bool:
 
 
 def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: bool = True,
-                  swiglu: bool = False) -> Tiles:
+                  swiglu: bool = False, K: int = 0) -> Tiles:
     # The fastest of `scripts/bench_linear.py --sweep` on an H100 for Llama-2-7B's decode shapes at
     # 1 and 32 rows (bench/results/h100-80gb-hbm3/linear.md, linear-narrow.md): wide layers (wqkv, w13)
     # stream best with few, long programs; narrow bf16 ones (wo, w2: N = 4096) with one wave of 128
@@ -496,11 +496,11 @@ def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: boo
     # (H100, bench/results/h100-80gb-hbm3/int8-f16.md). At 17 to 32 rows they take x in int8 digits instead
     # (Tiles.digits: int8 products, the weight never converted), 64 channels a program: alone, against the weight
     # converted to bf16, wqkv 23.5 -> 21.2 us, w13 47.8 -> 34.4; whole steps at 8K n = 32 against x in fp16:
-    # 5.449 -> 5.380 ms (H100, int8-digits.md)
+    # 5.449 -> 5.380 ms (H100, int8-digits.md); wqkv with K tiles of 256: 5.50 -> 5.47 (narrow-tiles.md)
     wide = N >= WIDE
     if kind == "int8":
         if wide and 16 < M <= 32:
-            return Tiles(block_n=64, block_k=128, waves=1, stages=4, digits=True)
+            return Tiles(block_n=64, block_k=128 if swiglu else 256, waves=1, stages=4 if swiglu else 3, digits=True)
         if wide:
             return Tiles(block_n=64, block_k=128, waves=1, stages=4, f16=True) if swiglu else Tiles(
                 block_k=256, stages=3, f16=True)
@@ -523,6 +523,11 @@ def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: boo
     # 16-row tiles: 64 channels a program, one wave (H100, 32 rows: 24.0 -> 20.6 us, linear-mistral.md)
     if block_m >= 64 or (not row_tiles and not wide and 16 < M <= 32 and triton.cdiv(N, 32) > n_sm):
         return Tiles(block_n=64, block_k=128, splits=1, stages=4)
+    # Llama-2-7B's w2 (N = 4096, K = 11008) at 17 to 32 rows, 16-row tiles: 64 channels a program, K in 2 splits
+    # (whole steps, H100, n = 32: 8K 7.33 -> 7.27 ms, 32K 11.54 -> 11.43; wo in them too, or Mistral-7B's w2,
+    # K = 14336, were slower: narrow-tiles.md)
+    if not row_tiles and not wide and 16 < M <= 32 and N < K <= 3 * N:
+        return Tiles(block_n=64, block_k=128, splits=2, stages=4)
     return Tiles(block_n=64, block_k=128, waves=1, stages=5) if wide else Tiles(block_k=128, splits=1, stages=8)
 
 
@@ -560,7 +565,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         return dense_linear(x, weight, scales, group, swiglu, residual, eager=False)
     kind = "int4" if group else "int8" if scales is not None else "bf16"
     n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    tiles = tiles or default_tiles(kind, N, M, n_sm, row_tiles_on(x.device), swiglu)
+    tiles = tiles or default_tiles(kind, N, M, n_sm, row_tiles_on(x.device), swiglu, K)
     x, dtype, x_scale = x.contiguous(), x.dtype, 1.0
     f16 = tiles.f16 and kind == "int8" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
     if f16 and x.dtype == torch.bfloat16:  # under torch.compile the conversion joins the kernel that makes x

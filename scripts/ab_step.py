@@ -53,8 +53,8 @@ def int8_f16(wide: bool, narrow: bool):
     """int8 layers with x in fp16 (Tiles.f16) where asked, Triton's conversion to bf16 elsewhere."""
     tiles = lt.default_tiles
 
-    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False):
-        t = tiles(kind, N, M, n_sm, row_tiles, swiglu)
+    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False, K=0):
+        t = tiles(kind, N, M, n_sm, row_tiles, swiglu, K)
         return dataclasses.replace(t, f16=wide if N >= lt.WIDE else narrow, digits=False) if kind == "int8" else t
     return lt, "default_tiles", default_tiles
 
@@ -63,8 +63,8 @@ def int4_tiles(wide: "lt.Tiles", narrow: "lt.Tiles"):
     """int4 from 5 rows on these tiles: wide layers (wqkv, w13), narrow ones (wo, w2)."""
     tiles = lt.default_tiles
 
-    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False):
-        t = tiles(kind, N, M, n_sm, row_tiles, swiglu)
+    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False, K=0):
+        t = tiles(kind, N, M, n_sm, row_tiles, swiglu, K)
         return (wide if N >= lt.WIDE else narrow) if kind == "int4" and not t.gemv else t
     return lt, "default_tiles", default_tiles
 
@@ -116,9 +116,9 @@ def narrow_tiles_before():
     64-channel ones where those are more than the SMs)."""
     tiles = lt.default_tiles
 
-    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False):
+    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False, K=0):
         narrow = kind == "bf16" and N < lt.WIDE and 16 < M <= 32 and not row_tiles
-        return lt.Tiles(block_k=128, splits=1, stages=8) if narrow else tiles(kind, N, M, n_sm, row_tiles, swiglu)
+        return lt.Tiles(block_k=128, splits=1, stages=8) if narrow else tiles(kind, N, M, n_sm, row_tiles, swiglu, K)
     return lt, "default_tiles", default_tiles
 
 
@@ -126,8 +126,8 @@ def int8_x_fp16():
     """int8 as before int8-digits.md: the wide layers' x in fp16 at every row count (their one-row tiles)."""
     tiles = lt.default_tiles
 
-    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False):
-        return tiles(kind, N, 1 if kind == "int8" else M, n_sm, row_tiles, swiglu)
+    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False, K=0):
+        return tiles(kind, N, 1 if kind == "int8" else M, n_sm, row_tiles, swiglu, K)
     return lt, "default_tiles", default_tiles
 
 
@@ -145,6 +145,62 @@ def int8_digits(every: bool, wide: "lt.Tiles | None" = None):
     return lt, "default_tiles", default_tiles
 
 
+def layer_tiles(weights: str, layer: str, new: "lt.Tiles", *more):
+    """One kind of layer of these weights at 17 to 32 rows on these tiles: "narrow" (wo, w2: N < WIDE and at most
+    one 32-channel program an SM, so not Mistral-7B's wqkv), "wqkv" (wide, no SwiGLU) or "w13"; more: further
+    (layer, tiles) pairs."""
+    tiles, pick = lt.default_tiles, dict([(layer, new), *zip(more[::2], more[1::2])])
+
+    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False, K=0):
+        t = tiles(kind, N, M, n_sm, row_tiles, swiglu, K)
+        which = "w13" if swiglu else "wqkv" if N >= lt.WIDE else "narrow" if -(-N // 32) <= n_sm else None
+        return pick[which] if kind == weights and which in pick and 16 < M <= 32 else t
+    return lt, "default_tiles", default_tiles
+
+
+def narrow_by_k(weights: str, new: "lt.Tiles", wo: bool):
+    """The narrow layers of these weights with K = N (wo), or K > N (w2), at 17 to 32 rows on these tiles."""
+    run = lt.run_linear
+
+    def run_linear(x, weight, scales, tiles=None, group=0, *args, **kwargs):
+        N, K, M = weight.shape[0], x.shape[1], x.shape[0]
+        kind = "int4" if group else "int8" if scales is not None else "bf16"
+        if tiles is None and kind == weights and N < lt.WIDE and -(-N // 32) <= 132 and 16 < M <= 32 and (
+                (K <= N) == wo):
+            tiles = new
+        return run(x, weight, scales, tiles, group, *args, **kwargs)
+    return lt, "run_linear", run_linear
+
+
+T = lt.Tiles
+LAYER_TILES = {  # name: (weights, layer, tiles). bench/results/h100-80gb-hbm3/narrow-tiles.md ran these when main had
+    # the tiles of the two "-before" ones (since: Llama-2-7B's w2 as bf16-w2-64-s2, int8's wqkv as int8-wqkv-64-k256)
+    "bf16-narrow-before": ("bf16", "narrow", T(block_k=128, splits=1, stages=8)),
+    "int8-wqkv-before": ("int8", "wqkv", T(block_n=64, block_k=128, waves=1, stages=4, digits=True)),
+    "int8-narrow-32-s1": ("int8", "narrow", T(block_n=32, block_k=128, splits=1, stages=8)),
+    "int8-narrow-32-s1-k256": ("int8", "narrow", T(block_n=32, block_k=256, splits=1, stages=4)),
+    "int8-narrow-64-s2": ("int8", "narrow", T(block_n=64, block_k=128, splits=2, stages=4)),
+    "int8-narrow-32-s2": ("int8", "narrow", T(block_n=32, block_k=128, splits=2, stages=6)),
+    "int8-narrow-32-w2": ("int8", "narrow", T(block_n=32, block_k=128, waves=2)),
+    "int8-narrow-32-w4": ("int8", "narrow", T(block_n=32, block_k=128, waves=4)),
+    "int8-narrow-32-k256-w3": ("int8", "narrow", T(block_n=32, block_k=256, waves=3, stages=3)),
+    "int8-narrow-32-w3-st6": ("int8", "narrow", T(block_n=32, block_k=128, waves=3, stages=6)),
+    "int8-wqkv-64-st3": ("int8", "wqkv", T(block_n=64, block_k=128, waves=1, stages=3, digits=True)),
+    "int8-wqkv-64-st5": ("int8", "wqkv", T(block_n=64, block_k=128, waves=1, stages=5, digits=True)),
+    "int8-wqkv-32": ("int8", "wqkv", T(block_n=32, block_k=128, waves=1, stages=4, digits=True)),
+    "int8-wqkv-128": ("int8", "wqkv", T(block_n=128, block_k=128, waves=1, stages=4, digits=True)),
+    "int8-wqkv-64-k256": ("int8", "wqkv", T(block_n=64, block_k=256, waves=1, stages=3, digits=True)),
+    "bf16-narrow-64-s2": ("bf16", "narrow", T(block_n=64, block_k=128, splits=2, stages=4)),
+    "bf16-narrow-32-s2": ("bf16", "narrow", T(block_n=32, block_k=128, splits=2, stages=6)),
+    "bf16-narrow-64-s2-st3": ("bf16", "narrow", T(block_n=64, block_k=128, splits=2, stages=3)),
+    "bf16-narrow-64-s2-st5": ("bf16", "narrow", T(block_n=64, block_k=128, splits=2, stages=5)),
+    "bf16-narrow-64-s2-k64": ("bf16", "narrow", T(block_n=64, block_k=64, splits=2, stages=6)),
+    "bf16-narrow-64-s3": ("bf16", "narrow", T(block_n=64, block_k=128, splits=3, stages=4)),
+    "bf16-narrow-128-s4": ("bf16", "narrow", T(block_n=128, block_k=64, splits=4, stages=4, warps=8)),
+    "bf16-narrow-64-s2-w8": ("bf16", "narrow", T(block_n=64, block_k=128, splits=2, stages=4, warps=8)),
+}
+
+
 VARIANTS = {"main": lambda: None, "narrow-tiles-before": narrow_tiles_before, "partials-fp32": partials_fp32,
             "cudnn-q-copy": cudnn_q_copy, "context-1-wave": lambda: context_tiles(waves=1),
             "int8-digits": lambda: int8_digits(False), "int8-digits-all": lambda: int8_digits(True),
@@ -158,7 +214,12 @@ VARIANTS = {"main": lambda: None, "narrow-tiles-before": narrow_tiles_before, "p
             "int4-tiles-before": lambda: int4_tiles(INT4_BEFORE, INT4_BEFORE),
             "dense-add-after": dense_add_after, "context-no-cudnn": lambda: (bt, "cudnn_context", lambda *args: False),
             "int4-narrow-128": lambda: int4_tiles(lt.default_tiles("int4", lt.WIDE, 32),
-                                                  lt.Tiles(block_n=128, block_k=128, stages=3))}
+                                                  lt.Tiles(block_n=128, block_k=128, stages=3)),
+            **{name: (lambda v: lambda: layer_tiles(*v))(v) for name, v in LAYER_TILES.items()},
+            "bf16-wo-64-s2": lambda: narrow_by_k("bf16", LAYER_TILES["bf16-narrow-64-s2"][2], True),
+            "bf16-w2-64-s2": lambda: narrow_by_k("bf16", LAYER_TILES["bf16-narrow-64-s2"][2], False),
+            "int8-wqkv-k256-narrow-k256": lambda: layer_tiles(*LAYER_TILES["int8-wqkv-64-k256"],
+                                                              *LAYER_TILES["int8-narrow-32-k256-w3"][1:])}
 
 
 def caches_off() -> contextlib.ExitStack:

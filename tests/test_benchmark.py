@@ -258,6 +258,14 @@ def test_ab_step_variants_and_caches():
     assert not ab_step.with_variant("int8-bf16", lambda: lt.default_tiles("int8", 12288, 32)).f16
     assert ab_step.with_variant("int8-f16-all", lambda: lt.default_tiles("int8", 4096, 32)).f16
     assert ab_step.with_variant("int8-f16-all", lambda: lt.default_tiles("bf16", 4096, 32)) == tiles("bf16", 4096, 32)
+    # 32 rows on an H100 (16-row tiles): Llama-2-7B's bf16 w2 in 2 splits of K, not wo or Mistral-7B's w2; the
+    # variants that give back the tiles before, and int8's wqkv digits on K tiles of 256 (w13's stay 128)
+    h100 = lambda N, K, kind="bf16", swiglu=False: lt.default_tiles(kind, N, 32, 132, False, swiglu, K)
+    assert h100(4096, 11008).splits == 2 and h100(4096, 4096).splits == h100(4096, 14336).splits == 1
+    assert ab_step.with_variant("bf16-narrow-before", lambda: h100(4096, 11008)) == h100(4096, 4096)
+    assert h100(12288, 4096, "int8").block_k == 256 and h100(22016, 4096, "int8", True).block_k == 128
+    assert ab_step.with_variant("int8-wqkv-before", lambda: h100(12288, 4096, "int8")).block_k == 128
+    assert ab_step.with_variant("bf16-w2-64-s2", lambda: lt.run_linear) is not lt.run_linear
     gemv = lambda: lt.default_tiles("int4", 12288, 1).gemv  # int4's one row: Triton's GEMV, or PyTorch's kernel
     assert ab_step.with_variant("int4-gemv", gemv) and not ab_step.with_variant("int4-tinygemm", gemv)
     run_gemv, rows = lt.run_gemv, lt.GEMV_ROWS  # the one-row kernel without w13's pairs for w2: run_gemv
