@@ -524,8 +524,8 @@ def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: boo
     if block_m >= 64 or (not row_tiles and not wide and 16 < M <= 32 and triton.cdiv(N, 32) > n_sm):
         return Tiles(block_n=64, block_k=128, splits=1, stages=4)
     # Llama-2-7B's w2 (N = 4096, K = 11008) at 17 to 32 rows, 16-row tiles: 64 channels a program, K in 2 splits
-    # (whole steps, H100, n = 32: 8K 7.33 -> 7.27 ms, 32K 11.54 -> 11.43; wo in them too, or Mistral-7B's w2,
-    # K = 14336, were slower: narrow-tiles.md)
+    # (whole steps, H100, n = 32: 8K 7.33 -> 7.27 ms; with wo too, 32K 11.54 -> 11.43; wo alone gained nothing,
+    # Mistral-7B's wo or w2 (K = 14336) lost: narrow-tiles.md)
     if not row_tiles and not wide and 16 < M <= 32 and N < K <= 3 * N:
         return Tiles(block_n=64, block_k=128, splits=2, stages=4)
     return Tiles(block_n=64, block_k=128, waves=1, stages=5) if wide else Tiles(block_k=128, splits=1, stages=8)
