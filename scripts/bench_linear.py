@@ -94,7 +94,7 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
             expected["torch int4"] = expected["int4"]
             for kind in ("bf16", "int8", "int4"):
                 kinds[kind + " swiglu"], expected[kind + " swiglu"] = kinds[kind], swiglu(expected[kind])
-            default = lambda kind: default_tiles(kind, N, M, n_sm, row_tiles_on(x.device))
+            default = lambda kind, sw=False: default_tiles(kind, N, M, n_sm, row_tiles_on(x.device), sw, K)
             tiles = lambda kind: [default(kind)] + [t for t in SWEEP if sweep and t != default(kind)]
             paths = ([("cublas", "bf16", cublas, None), ("plain int8", "int8", plain_int8, None),
                       ("torch int4", "torch int4", lambda x, mm: mm(x), None)]
@@ -103,7 +103,7 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
                      + [("triton int4", "int4", lambda *a, t=t: run_linear(*a, tiles=t, group=INT4_GROUP), t)
                         for t in (tiles("int4") if "int4" in weights else [])]
                      + [(f"triton {kind} swiglu", f"{kind} swiglu", lambda *a, k=kind: run_linear(
-                         *a, group=INT4_GROUP if k == "int4" else 0, swiglu=True), default(kind))
+                         *a, group=INT4_GROUP if k == "int4" else 0, swiglu=True), default(kind, True))
                         for kind in weights if name.endswith("w13")]
                      + ([("triton bf16 residual", "bf16 residual", lambda x, w, s: run_linear(x, w, s, residual=res),
                           default("bf16"))] if "bf16" in weights and name.endswith(("wo", "w2")) else []))
