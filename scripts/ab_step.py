@@ -146,30 +146,17 @@ def int8_digits(every: bool, wide: "lt.Tiles | None" = None):
 
 
 def layer_tiles(weights: str, layer: str, new: "lt.Tiles", *more):
-    """One kind of layer of these weights at 17 to 32 rows on these tiles: "narrow" (wo, w2: N < WIDE and at most
-    one 32-channel program an SM, so not Mistral-7B's wqkv), "wqkv" (wide, no SwiGLU) or "w13"; more: further
-    (layer, tiles) pairs."""
+    """One kind of layer of these weights at 17 to 32 rows on these tiles: "narrow" (N < WIDE and at most one
+    32-channel program an SM, so not Mistral-7B's wqkv), or of those "wo" (K <= N) or "w2" (K > N); "wqkv" (wide,
+    no SwiGLU) or "w13"; more: further (layer, tiles) pairs."""
     tiles, pick = lt.default_tiles, dict([(layer, new), *zip(more[::2], more[1::2])])
 
     def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False, K=0):
         t = tiles(kind, N, M, n_sm, row_tiles, swiglu, K)
-        which = "w13" if swiglu else "wqkv" if N >= lt.WIDE else "narrow" if -(-N // 32) <= n_sm else None
-        return pick[which] if kind == weights and which in pick and 16 < M <= 32 else t
+        narrow = ["narrow", "wo" if K <= N else "w2"] if -(-N // 32) <= n_sm else []
+        hits = [pick[x] for x in (["w13"] if swiglu else ["wqkv"] if N >= lt.WIDE else narrow) if x in pick]
+        return hits[0] if kind == weights and hits and 16 < M <= 32 else t
     return lt, "default_tiles", default_tiles
-
-
-def narrow_by_k(weights: str, new: "lt.Tiles", wo: bool):
-    """The narrow layers of these weights with K = N (wo), or K > N (w2), at 17 to 32 rows on these tiles."""
-    run = lt.run_linear
-
-    def run_linear(x, weight, scales, tiles=None, group=0, *args, **kwargs):
-        N, K, M = weight.shape[0], x.shape[1], x.shape[0]
-        kind = "int4" if group else "int8" if scales is not None else "bf16"
-        if tiles is None and kind == weights and N < lt.WIDE and -(-N // 32) <= 132 and 16 < M <= 32 and (
-                (K <= N) == wo):
-            tiles = new
-        return run(x, weight, scales, tiles, group, *args, **kwargs)
-    return lt, "run_linear", run_linear
 
 
 T = lt.Tiles
@@ -191,6 +178,8 @@ LAYER_TILES = {  # name: (weights, layer, tiles). bench/results/h100-80gb-hbm3/n
     "int8-wqkv-128": ("int8", "wqkv", T(block_n=128, block_k=128, waves=1, stages=4, digits=True)),
     "int8-wqkv-64-k256": ("int8", "wqkv", T(block_n=64, block_k=256, waves=1, stages=3, digits=True)),
     "bf16-narrow-64-s2": ("bf16", "narrow", T(block_n=64, block_k=128, splits=2, stages=4)),
+    "bf16-wo-64-s2": ("bf16", "wo", T(block_n=64, block_k=128, splits=2, stages=4)),
+    "bf16-w2-64-s2": ("bf16", "w2", T(block_n=64, block_k=128, splits=2, stages=4)),
     "bf16-narrow-32-s2": ("bf16", "narrow", T(block_n=32, block_k=128, splits=2, stages=6)),
     "bf16-narrow-64-s2-st3": ("bf16", "narrow", T(block_n=64, block_k=128, splits=2, stages=3)),
     "bf16-narrow-64-s2-st5": ("bf16", "narrow", T(block_n=64, block_k=128, splits=2, stages=5)),
@@ -216,8 +205,6 @@ VARIANTS = {"main": lambda: None, "narrow-tiles-before": narrow_tiles_before, "p
             "int4-narrow-128": lambda: int4_tiles(lt.default_tiles("int4", lt.WIDE, 32),
                                                   lt.Tiles(block_n=128, block_k=128, stages=3)),
             **{name: (lambda v: lambda: layer_tiles(*v))(v) for name, v in LAYER_TILES.items()},
-            "bf16-wo-64-s2": lambda: narrow_by_k("bf16", LAYER_TILES["bf16-narrow-64-s2"][2], True),
-            "bf16-w2-64-s2": lambda: narrow_by_k("bf16", LAYER_TILES["bf16-narrow-64-s2"][2], False),
             "int8-wqkv-k256-narrow-k256": lambda: layer_tiles(*LAYER_TILES["int8-wqkv-64-k256"],
                                                               *LAYER_TILES["int8-narrow-32-k256-w3"][1:])}
 

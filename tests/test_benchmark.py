@@ -265,7 +265,9 @@ def test_ab_step_variants_and_caches():
     assert ab_step.with_variant("bf16-narrow-before", lambda: h100(4096, 11008)) == h100(4096, 4096)
     assert h100(12288, 4096, "int8").block_k == 256 and h100(22016, 4096, "int8", True).block_k == 128
     assert ab_step.with_variant("int8-wqkv-before", lambda: h100(12288, 4096, "int8")).block_k == 128
-    assert ab_step.with_variant("bf16-w2-64-s2", lambda: lt.run_linear) is not lt.run_linear
+    assert ab_step.with_variant("bf16-wo-64-s2", lambda: h100(4096, 4096)).splits == 2
+    assert ab_step.with_variant("bf16-wo-64-s2", lambda: h100(4096, 11008)) == h100(4096, 11008)
+    assert ab_step.with_variant("bf16-w2-64-s2", lambda: h100(4096, 14336)).splits == 2
     gemv = lambda: lt.default_tiles("int4", 12288, 1).gemv  # int4's one row: Triton's GEMV, or PyTorch's kernel
     assert ab_step.with_variant("int4-gemv", gemv) and not ab_step.with_variant("int4-tinygemm", gemv)
     run_gemv, rows = lt.run_gemv, lt.GEMV_ROWS  # the one-row kernel without w13's pairs for w2: run_gemv
