@@ -49,24 +49,30 @@ def attention_rows(waves: int, block_n: int):
     return bt, "rows_tiles", rows_tiles
 
 
-def int8_f16(wide: bool, narrow: bool):
-    """int8 layers with x in fp16 (Tiles.f16) where asked, Triton's conversion to bf16 elsewhere."""
-    tiles = lt.default_tiles
+def tiles_patch(pick):
+    """linear_triton.default_tiles replaced: pick(base, kind, N, M, n_sm, row_tiles, swiglu, K) -> Tiles, base
+    the function it replaces (base(kind, N, M, ...) gives main's tiles)."""
+    base = lt.default_tiles
 
     def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False, K=0):
-        t = tiles(kind, N, M, n_sm, row_tiles, swiglu, K)
-        return dataclasses.replace(t, f16=wide if N >= lt.WIDE else narrow, digits=False) if kind == "int8" else t
+        return pick(base, kind, N, M, n_sm, row_tiles, swiglu, K)
     return lt, "default_tiles", default_tiles
+
+
+def int8_f16(wide: bool, narrow: bool):
+    """int8 layers with x in fp16 (Tiles.f16) where asked, Triton's conversion to bf16 elsewhere."""
+    def pick(base, kind, N, *args):
+        t = base(kind, N, *args)
+        return dataclasses.replace(t, f16=wide if N >= lt.WIDE else narrow, digits=False) if kind == "int8" else t
+    return tiles_patch(pick)
 
 
 def int4_tiles(wide: "lt.Tiles", narrow: "lt.Tiles"):
     """int4 from 5 rows on these tiles: wide layers (wqkv, w13), narrow ones (wo, w2)."""
-    tiles = lt.default_tiles
-
-    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False, K=0):
-        t = tiles(kind, N, M, n_sm, row_tiles, swiglu, K)
+    def pick(base, kind, N, *args):
+        t = base(kind, N, *args)
         return (wide if N >= lt.WIDE else narrow) if kind == "int4" and not t.gemv else t
-    return lt, "default_tiles", default_tiles
+    return tiles_patch(pick)
 
 
 INT4_BEFORE = lt.Tiles(block_n=64, block_k=128, stages=3)  # before int4-m32.md (x in its own order)
@@ -114,49 +120,40 @@ def cudnn_q_copy():
 def narrow_tiles_before():
     """bf16 layers narrower than linear_triton.WIDE at 17 to 32 rows in 32-channel programs, however many (before
     64-channel ones where those are more than the SMs)."""
-    tiles = lt.default_tiles
-
-    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False, K=0):
+    def pick(base, kind, N, M, n_sm, row_tiles, *args):
         narrow = kind == "bf16" and N < lt.WIDE and 16 < M <= 32 and not row_tiles
-        return lt.Tiles(block_k=128, splits=1, stages=8) if narrow else tiles(kind, N, M, n_sm, row_tiles, swiglu, K)
-    return lt, "default_tiles", default_tiles
+        return lt.Tiles(block_k=128, splits=1, stages=8) if narrow else base(kind, N, M, n_sm, row_tiles, *args)
+    return tiles_patch(pick)
 
 
 def int8_x_fp16():
     """int8 as before int8-digits.md: the wide layers' x in fp16 at every row count (their one-row tiles)."""
-    tiles = lt.default_tiles
-
-    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False, K=0):
-        return tiles(kind, N, 1 if kind == "int8" else M, n_sm, row_tiles, swiglu, K)
-    return lt, "default_tiles", default_tiles
+    return tiles_patch(lambda base, kind, N, M, *args: base(kind, N, 1 if kind == "int8" else M, *args))
 
 
 def int8_digits(every: bool, wide: "lt.Tiles | None" = None):
     """int8 layers with x in digits (Tiles.digits) at every row count: the wide ones, or every one, on main's
     tiles; wide: the wide ones on these tiles instead (int8-digits.md's first A/B ran these on the x-in-fp16
     tiles, main's then)."""
-    tiles = lt.default_tiles
-
-    def default_tiles(kind, N, *args, **kwargs):
-        t = tiles(kind, N, *args, **kwargs)
+    def pick(base, kind, N, *args):
+        t = base(kind, N, *args)
         if kind != "int8" or not (N >= lt.WIDE or every):
             return t
         return dataclasses.replace(wide if wide is not None and N >= lt.WIDE else t, f16=False, digits=True)
-    return lt, "default_tiles", default_tiles
+    return tiles_patch(pick)
 
 
 def layer_tiles(weights: str, layer: str, new: "lt.Tiles", *more):
     """One kind of layer of these weights at 17 to 32 rows on these tiles: "narrow" (N < WIDE and at most one
     32-channel program an SM, so not Mistral-7B's wqkv), or of those "wo" (K <= N) or "w2" (K > N); "wqkv" (wide,
     no SwiGLU) or "w13"; more: further (layer, tiles) pairs."""
-    tiles, pick = lt.default_tiles, dict([(layer, new), *zip(more[::2], more[1::2])])
+    chosen = dict([(layer, new), *zip(more[::2], more[1::2])])
 
-    def default_tiles(kind, N, M=1, n_sm=132, row_tiles=True, swiglu=False, K=0):
-        t = tiles(kind, N, M, n_sm, row_tiles, swiglu, K)
+    def pick(base, kind, N, M, n_sm, row_tiles, swiglu, K):
         narrow = ["narrow", "wo" if K <= N else "w2"] if -(-N // 32) <= n_sm else []
-        hits = [pick[x] for x in (["w13"] if swiglu else ["wqkv"] if N >= lt.WIDE else narrow) if x in pick]
-        return hits[0] if kind == weights and hits and 16 < M <= 32 else t
-    return lt, "default_tiles", default_tiles
+        hits = [chosen[x] for x in (["w13"] if swiglu else ["wqkv"] if N >= lt.WIDE else narrow) if x in chosen]
+        return hits[0] if kind == weights and hits and 16 < M <= 32 else base(kind, N, M, n_sm, row_tiles, swiglu, K)
+    return tiles_patch(pick)
 
 
 T = lt.Tiles
