@@ -32,18 +32,21 @@ import linear_triton as lt
 VARIANTS = {"int8-f16": "int8", "int8-digits": "int8", "int4-xperm": "int4"}
 
 
-def compile_gemv(block_n: int, block_k: int, stages: int, warps: int):
-    # int4's one-row kernel (linear_triton.Tiles.gemv), groups of 128: block_k / 128 groups a loop step
+def compile_gemv(block_n: int, block_k: int, stages: int, warps: int, **epilogue):
+    # int4's one-row kernel (linear_triton.Tiles.gemv), groups of 128: block_k / 128 groups a loop step;
+    # epilogue: more of its constexprs (SWIGLU, RESIDUAL)
     sig = {"XP": "*i16", "W": "*u8", "S": "*bf16", "Out": "*bf16", "Res": "*bf16", "N": "i32", "KG": "i32"}
     const = dict(KW=512, BLOCK_N=block_n, BLOCK_G=block_k // 128, GROUP=128, SWIGLU=False, RESIDUAL=False,
                  EVEN_N=True, EVEN_G=True, X_SCALE=2.0 ** lt.GEMV_SHIFT, WORD=lt._WORD)
+    const.update(epilogue)
     sig.update({k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}
     return triton.compile(ASTSource(lt._gemv_int4_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 
 
-def compile_linear(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps: int):
+def compile_linear(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps: int, **epilogue):
+    # epilogue: more of the kernel's constexprs (SWIGLU, RESIDUAL, ...)
     f16, xperm, digits = kind == "int8-f16", kind == "int4-xperm", kind == "int8-digits"
     kind = VARIANTS.get(kind, kind)
     sig = {"X": "*fp16" if f16 else "*i8" if digits else "*bf16", "W": {"bf16": "*bf16", "int8": "*i8"}.get(kind, "*u8"),
@@ -54,6 +57,7 @@ def compile_linear(kind: str, block_m: int, block_n: int, block_k: int, stages: 
                  BIAS=128.0, DEQ=lt._DEQUANT_INT4 if kind == "int4" and block_k >= 64 else None,
                  I8F16=lt._I8_TO_F16 if f16 else None, X_SCALE=2.0 ** lt.X_SHIFT if f16 else 1.0,
                  XPERM=xperm, TILES=16 if xperm else 0, DIGITS=digits)
+    const.update(epilogue)
     sig.update({k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9, 10)}  # not M
     return triton.compile(ASTSource(lt._linear_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),

@@ -7,7 +7,8 @@
 # other). Linear layers (linear_triton.py): bf16-style, int8 and int4 weights, splits of K, the SwiGLU and
 # residual epilogues. In fp32: with bf16 inputs Triton 3.6's interpreter returned results off by orders of
 # magnitude from kernels that the GPU tests pass in bf16 (test_gpu.py, which runs them at the real sizes).
-# Small shapes only: the interpreter runs each program in numpy.
+# Small shapes only: the interpreter runs each program in numpy. And the linear kernels compiled for an H100 (sm_90)
+# by Triton's compiler and ptxas, which the interpreter skips (a kernel it runs may still not compile).
 import os
 import subprocess
 import sys
@@ -180,6 +181,32 @@ def test_attention_kernels_in_the_interpreter():
 
 def test_linear_kernels_in_the_interpreter():
     interpret(LINEAR)
+
+
+@pytest.mark.parametrize("kind,tiles,epilogue", [  # default_tiles' (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
+    ("bf16", (16, 32, 128, 8, 4), dict(RESIDUAL=True)),  # narrow layers (wo, w2)
+    ("bf16", (16, 64, 128, 5, 4), dict(SWIGLU=True)),  # wide ones (w13)
+    ("bf16", (32, 64, 128, 4, 4), dict(RESIDUAL=True)),  # w2 at 17 to 32 rows
+    ("bf16", (32, 128, 64, 4, 8), dict(SWIGLU=True)),  # row tiles (H200)
+    ("int8", (32, 32, 128, 4, 4), dict(RESIDUAL=True)),
+    ("int8-f16", (16, 64, 128, 4, 4), dict(SWIGLU=True)),
+    ("int8-digits", (32, 64, 256, 3, 4), {}),
+    ("int8-digits", (32, 64, 128, 4, 4), dict(SWIGLU=True)),
+    ("int4", (32, 64, 128, 3, 4), dict(RESIDUAL=True)),
+    ("int4-xperm", (32, 64, 128, 4, 4), dict(SWIGLU=True)),
+    ("gemv", (1, 4, 1024, 1, 4), dict(SWIGLU=True)),
+    ("gemv", (1, 4, 1024, 1, 4), dict(RESIDUAL=True))], ids=str)
+def test_linear_kernels_compile_for_sm90(kind, tiles, epilogue):
+    # what the interpreter does not check: that Triton's compiler and ptxas take the linear kernels, with their
+    # epilogues, for an H100 (sm_90); no GPU needed (scripts/sass_loop.py)
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import sass_loop
+    if kind == "gemv":
+        k = sass_loop.compile_gemv(*tiles[1:], **epilogue)
+    else:
+        k = sass_loop.compile_linear(kind, *tiles, **epilogue)
+    assert k.asm["cubin"] and ".target sm_90" in k.asm["ptx"]
 
 
 def test_own_slots_in_the_context_programs_where_measured_faster():
