@@ -581,7 +581,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         return run_gemv(x, weight, scales, tiles, group, swiglu, residual, pairs)
     if x.dtype == torch.int16:
         raise ValueError("x's fp16 pairs (int16) go to the one-row int4 kernel only (Tiles.gemv, M = 1)")
-    block_k = min(group, tiles.block_k or 128) if group else tiles.block_k or 256 // weight.element_size()
+    block_k = k_tile(tiles, weight, group)
     if swiglu:  # the activation needs the whole sum over K: one split
         tiles = dataclasses.replace(tiles, splits=1)
     block_m, P, chunk = linear_plan(M, N, K, block_k, n_sm, tiles)
@@ -608,6 +608,10 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     if P == 1:
         return part  # (M, N)
     return (part.sum(0) if late is None else late.float() + part.sum(0)).to(dtype)  # (M, N), rounded once
+
+
+def k_tile(tiles: Tiles, weight: Tensor, group: int) -> int:  # run_linear's input channels a step
+    return min(group, tiles.block_k or 128) if group else tiles.block_k or 256 // weight.element_size()
 
 
 def run_gemv(x: Tensor, weight: Tensor, scales: Tensor, tiles: Tiles, group: int, swiglu: bool,

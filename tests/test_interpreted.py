@@ -183,29 +183,36 @@ def test_linear_kernels_in_the_interpreter():
     interpret(LINEAR)
 
 
-@pytest.mark.parametrize("kind,tiles,epilogue", [  # default_tiles' (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
-    ("bf16", (16, 32, 128, 8, 4), dict(RESIDUAL=True)),  # narrow layers (wo, w2)
-    ("bf16", (16, 64, 128, 5, 4), dict(SWIGLU=True)),  # wide ones (w13)
-    ("bf16", (32, 64, 128, 4, 4), dict(RESIDUAL=True)),  # w2 at 17 to 32 rows
-    ("bf16", (32, 128, 64, 4, 8), dict(SWIGLU=True)),  # row tiles (H200)
-    ("int8", (32, 32, 128, 4, 4), dict(RESIDUAL=True)),
-    ("int8-f16", (16, 64, 128, 4, 4), dict(SWIGLU=True)),
-    ("int8-digits", (32, 64, 256, 3, 4), {}),
-    ("int8-digits", (32, 64, 128, 4, 4), dict(SWIGLU=True)),
-    ("int4", (32, 64, 128, 3, 4), dict(RESIDUAL=True)),
-    ("int4-xperm", (32, 64, 128, 4, 4), dict(SWIGLU=True)),
-    ("gemv", (1, 4, 1024, 1, 4), dict(SWIGLU=True)),
-    ("gemv", (1, 4, 1024, 1, 4), dict(RESIDUAL=True))], ids=str)
-def test_linear_kernels_compile_for_sm90(kind, tiles, epilogue):
-    # what the interpreter does not check: that Triton's compiler and ptxas take the linear kernels, with their
-    # epilogues, for an H100 (sm_90); no GPU needed (scripts/sass_loop.py)
+def sass_loop():
     pytest.importorskip("triton")
     sys.path.insert(0, str(ROOT / "scripts"))
     import sass_loop
-    if kind == "gemv":
-        k = sass_loop.compile_gemv(*tiles[1:], **epilogue)
-    else:
-        k = sass_loop.compile_linear(kind, *tiles, **epilogue)
+    return sass_loop
+
+
+def compile_default(kind: str, N: int, M: int, K: int, row_tiles: bool, **epilogue):
+    # _linear_kernel (or int4's one-row kernel) on default_tiles' tiles for this layer, compiled for sm_90
+    lt = pytest.importorskip("linear_triton")
+    t = lt.default_tiles(kind, N, M, 132, row_tiles, epilogue.get("SWIGLU", False), K)
+    if t.gemv:
+        return sass_loop().compile_gemv(t.block_n, t.block_k, t.stages, t.warps, **epilogue)
+    weight = torch.empty(0, dtype=torch.bfloat16 if kind == "bf16" else torch.int8)  # its element size
+    block_k = lt.k_tile(t, weight, 128 if kind == "int4" else 0)  # int4 in groups of 128
+    block_m = lt.linear_plan(M, N, K, block_k, 132, t)[0]
+    path = kind + ("-f16" if t.f16 else "-digits" if t.digits else "-xperm" if t.xperm else "")
+    return sass_loop().compile_linear(path, block_m, t.block_n, block_k, t.stages, t.warps, **epilogue)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("N,M,K,epilogue,row_tiles", [  # Llama-2-7B's layers (N, rows, K) on an H100, and an H200
+    (4096, 1, 4096, dict(RESIDUAL=True), False), (22016, 1, 4096, dict(SWIGLU=True), False),
+    (12288, 32, 4096, {}, False), (4096, 32, 11008, dict(RESIDUAL=True), False),
+    (22016, 32, 4096, dict(SWIGLU=True), False), (22016, 32, 4096, dict(SWIGLU=True), True),
+    (4096, 64, 4096, dict(RESIDUAL=True), False)], ids=str)
+def test_linear_kernels_compile_for_sm90(kind, N, M, K, epilogue, row_tiles):
+    # what the interpreter does not check: that Triton's compiler and ptxas take the linear kernels, on the tiles
+    # the layers run on and with their epilogues, for an H100 (sm_90); no GPU needed (scripts/sass_loop.py)
+    k = compile_default(kind, N, M, K, row_tiles, **epilogue)
     assert k.asm["cubin"] and ".target sm_90" in k.asm["ptx"]
 
 
