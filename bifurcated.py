@@ -8,8 +8,9 @@
 # Both are the model's attention seam: called with q, k, v (before RoPE), the positions' rotation
 # freqs_cis and input_pos, they rotate q and k, store k and v and return the attention output.
 # input_pos is (S,) in prefill (the prompt, batch 1) and () in a decode step (one new token for each
-# of the n samples, all at the same position). On the GPU a decode step rotates and stores in one
-# kernel (bifurcated_triton.rope_store), or, with few samples, in the attention's launch.
+# of the n samples, all at the same position). On the GPU a decode step rotates and stores in the
+# epilogue of the qkv layer's kernel where that kernel runs it (BifurcatedCache.qkv_attention, which the model
+# calls first), else in one kernel (bifurcated_triton.rope_store) or, with few samples, in the attention's launch.
 #
 # Dimension letters: n samples, M context (prompt) length, T decode capacity (max new tokens),
 # H query heads, Hkv key/value heads, g = H / Hkv query heads per KV head, D head dim.
@@ -27,8 +28,10 @@ from model import causal_attention, rotate_heads_first
 try:  # the fused Triton kernels for CUDA; CPU-only installs have no Triton and use the reference
     from bifurcated_triton import (decode_attention, prefix_decode_attention, rope_decode_attention, rope_store,
                                    rope_store_context)
+    import linear_triton
 except ImportError:
     decode_attention = prefix_decode_attention = rope_decode_attention = rope_store = rope_store_context = None
+    linear_triton = None
 
 
 def fast(q: Tensor) -> bool:  # the Triton kernels: CUDA, a head dim the tiles take
@@ -62,6 +65,21 @@ class BifurcatedCache(nn.Module):
         slot = (input_pos - M).view(1)  # (1,)
         q = store_decode(q, k, v, freqs_cis, self.k_dec, self.v_dec, slot)
         return bifurcated_attention(q, self.k_ctx, self.v_ctx, self.k_dec, self.v_dec, slot)
+
+    def qkv_attention(self, wqkv: nn.Module, x: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> Optional[Tensor]:
+        """A decode step from x (n, 1, C) through the qkv layer wqkv to the attention output (n, H, 1, D),
+        where the layer's kernel takes RoPE and the store of k and v in its epilogue (linear_triton.qkv_rope): one
+        launch less a layer. None elsewhere (a prefill, the CPU, a layer or shape the kernel does not take it
+        for): the caller goes through forward."""
+        D = self.k_dec.size(-1)
+        if input_pos.dim() == 1 or linear_triton is None or not fast(self.k_dec):
+            return None
+        ops = linear_triton.rope_operands(wqkv, x, D)
+        if ops is None:
+            return None
+        pos = input_pos.view(1)
+        q = linear_triton.qkv_rope(x, *ops, freqs_cis, self.k_dec, self.v_dec, pos, self.context_len)
+        return decode_attention(q, self.k_ctx, self.v_ctx, self.k_dec, self.v_dec, pos, self.context_len)
 
 
 class StandardCache(nn.Module):

@@ -130,12 +130,14 @@ def _silu_mul(gate, up):
 
 
 @triton.jit
-def _linear_kernel(X, W, S, Out, Res, XL, XS, M, N, K, CHUNK, SCALED: tl.constexpr, BLOCK_M: tl.constexpr,
+def _linear_kernel(X, W, S, Out, Res, XL, XS, Fr, KD, VD, Slot, M, N, K, CHUNK, START, F_ROW, DST_ROW, DST_HEAD,
+                   SCALED: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
                    SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, MAGIC: tl.constexpr = 0,
                    BIAS: tl.constexpr = 0.0, DEQ: tl.constexpr = None, I8F16: tl.constexpr = None,
                    X_SCALE: tl.constexpr = 1.0, XPERM: tl.constexpr = False,
-                   TILES: tl.constexpr = 0, DIGITS: tl.constexpr = False):
+                   TILES: tl.constexpr = 0, DIGITS: tl.constexpr = False, ROPE: tl.constexpr = 0,
+                   QN: tl.constexpr = 0, KVN: tl.constexpr = 0):
     nb, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     cols, cmask = _program_channels(nb, N, BLOCK_N, SWIGLU)
@@ -158,6 +160,10 @@ def _linear_kernel(X, W, S, Out, Res, XL, XS, M, N, K, CHUNK, SCALED: tl.constex
         res = tl.load(Res + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
     if DIGITS:  # x's scale of each row
         row_scale = tl.load(XS + rows, mask=rmask, other=0.0)  # (BLOCK_M,) fp32
+    if ROPE:  # the tile's channels d of one head: cos, sin of each pair (2i, 2i + 1) of each row's position
+        d = (nb * BLOCK_N) % ROPE + tl.arange(0, BLOCK_N)
+        rot = tl.load(Fr + rows[:, None] * F_ROW + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        slot = tl.load(Slot) - START
     # y^T = W x^T: W's rows fill the MMA's large side, x's few rows (padded to 16) the small one
     # (int8 with x in fp16, I8F16: x's rows the first operand, so that each warp converts weights of its own)
     acc = tl.zeros([BLOCK_M, BLOCK_N] if I8F16 is not None else [BLOCK_N, BLOCK_M], tl.float32)
@@ -263,8 +269,23 @@ def _linear_kernel(X, W, S, Out, Res, XL, XS, M, N, K, CHUNK, SCALED: tl.constex
         omask = rmask[:, None] & cmask[None, :]
         if RESIDUAL:  # one split: y = residual + x W^T, rounded once
             acc += res.to(tl.float32)
-        out = Out + split * M * N + rows[:, None] * N + cols[None, :]  # (BLOCK_M, BLOCK_N) of (P, M, N)
-        tl.store(out, acc.to(Out.dtype.element_ty), mask=omask)
+        if ROPE:  # one split, [q; k; v] heads of ROPE channels: RoPE on q and k in fp32, q to Out (M, QN), k and v
+            # to slot `slot` of row i's heads in KD, VD (at i DST_ROW + head DST_HEAD + slot ROPE)
+            c0 = nb * BLOCK_N  # the tile lies in one head
+            a0, a1 = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+            cos, sin = tl.split(tl.reshape(rot, (BLOCK_M, BLOCK_N // 2, 2)))
+            rotated = tl.reshape(tl.join(a0 * cos - a1 * sin, a1 * cos + a0 * sin), (BLOCK_M, BLOCK_N))
+            y = tl.where(c0 < QN + KVN, rotated, acc).to(Out.dtype.element_ty)
+            tl.store(Out + rows[:, None] * QN + cols[None, :], y, mask=omask & (c0 < QN))
+            head = tl.maximum(c0 - QN, 0) // ROPE  # k heads, then v heads
+            is_v = head >= KVN // ROPE
+            dst = (rows[:, None].to(tl.int64) * DST_ROW + (head - is_v * (KVN // ROPE)) * DST_HEAD + slot * ROPE
+                   + d[None, :])
+            tl.store(KD + dst, y, mask=omask & (c0 >= QN) & ~is_v)
+            tl.store(VD + dst, y, mask=omask & is_v)
+        else:
+            out = Out + split * M * N + rows[:, None] * N + cols[None, :]  # (BLOCK_M, BLOCK_N) of (P, M, N)
+            tl.store(out, acc.to(Out.dtype.element_ty), mask=omask)
 
 
 # int4 at one row (GEMV: n = 1 decoding) on the CUDA cores, where the tensor-core kernel's 16-row tile
@@ -477,7 +498,8 @@ ROW_TILE_GPUS = ("H200",)
 def row_tiles_on(device: torch.device) -> bool:
     """Whether default_tiles' tiles by rows are the ones for this device: on a CPU (Triton's interpreter)
     they are, so that the tests run them."""
-    return device.type != "cuda" or any(g in torch.cuda.get_device_name(device) for g in ROW_TILE_GPUS)
+    # (the properties' name, not get_device_name, which torch.compile cannot trace: rope_operands runs in the model)
+    return device.type != "cuda" or any(g in torch.cuda.get_device_properties(device).name for g in ROW_TILE_GPUS)
 
 
 def default_tiles(kind: str, N: int, M: int = 1, n_sm: int = 132, row_tiles: bool = True,
@@ -544,13 +566,16 @@ def linear_plan(M: int, N: int, K: int, block_k: int, n_sm: int, tiles: Tiles) -
 
 def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optional[Tiles] = None,
                group: int = 0, swiglu: bool = False, residual: Optional[Tensor] = None,
-               pairs: bool = False) -> Tensor:
+               pairs: bool = False, rope: Optional[tuple[Tensor, Tensor, Tensor, Tensor, int]] = None) -> Tensor:
     # x (M, K); weight (N, K) bf16 or int8 with scales (N,) or None; or with group > 0, int4:
     # weight (N, K/2) uint8 and scales the scales and zero points (K/group, N, 2).
     # swiglu: weight is [gate; up] and y = silu(x gate^T) * (x up^T), (M, N / 2)
     # residual (M, N): y = residual + x W^T
     # pairs (int4 with swiglu, where the one-row kernel runs): y as the next one-row int4 layer's x, its fp16
     # pairs (gemv_input's, int16 (1, N / 2)); x int16 (1, K): such pairs
+    # rope (freqs, k_dec, v_dec, slot, start), a decode step's qkv layer (weight [q; k; v] heads): freqs (1 or M, D)
+    # the cos, sin of each pair of each row's position, k_dec, v_dec (M, Hkv, T, D); RoPE on q and k, k and v
+    # stored in slot slot[0] - start; y is q, (M, N - 2 Hkv D). Where rope_tiles says the kernel takes it
     M, K = x.shape
     N = weight.shape[0]
     if weight.shape[1] * (2 if group else 1) != K:
@@ -561,10 +586,9 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         raise ValueError(f"swiglu needs the gate and up rows stacked, an even N, got {N}")
     if swiglu and residual is not None:
         raise ValueError("swiglu and residual do not go together")
-    if M > MAX_M:  # prefill, compiled (an eager prefill calls dense_linear itself: forward_linear)
+    if M > MAX_M and rope is None:  # prefill, compiled (an eager prefill calls dense_linear itself: forward_linear)
         return dense_linear(x, weight, scales, group, swiglu, residual, eager=False)
-    kind = "int4" if group else "int8" if scales is not None else "bf16"
-    n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    kind, n_sm = weight_kind(scales, group), sm_count(x.device)
     tiles = tiles or default_tiles(kind, N, M, n_sm, row_tiles_on(x.device), swiglu, K)
     x, dtype, x_scale = x.contiguous(), x.dtype, 1.0
     f16 = tiles.f16 and kind == "int8" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
@@ -577,7 +601,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     magic, bias = MAGIC.get(x.dtype, (0, 0.0))  # int4's nibbles to floats (x in digits: int8, unused)
     if group and scales.storage_offset() % 2:  # the kernel reads each (scale, zero) pair as one 32-bit word
         scales = scales.clone()
-    if tiles.gemv and group and M == 1 and group % 8 == 0:
+    if tiles.gemv and group and M == 1 and group % 8 == 0 and rope is None:
         return run_gemv(x, weight, scales, tiles, group, swiglu, residual, pairs)
     if x.dtype == torch.int16:
         raise ValueError("x's fp16 pairs (int16) go to the one-row int4 kernel only (Tiles.gemv, M = 1)")
@@ -585,11 +609,16 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     if swiglu:  # the activation needs the whole sum over K: one split
         tiles = dataclasses.replace(tiles, splits=1)
     block_m, P, chunk = linear_plan(M, N, K, block_k, n_sm, tiles)
+    freqs, k_dec, v_dec, slot, start = rope or (weight, weight, weight, weight, 0)  # unused unless rope
+    D, kvn = k_dec.size(-1), k_dec.size(1) * k_dec.size(-1)
+    if rope is not None and (M > MAX_M or P > 1 or swiglu or residual is not None or D % tiles.block_n
+                             or k_dec.stride(2) != D or freqs.size(-1) != D):
+        raise ValueError(f"RoPE in the qkv kernel's epilogue needs one split and tiles within a head: {tiles}")
     # the residual add: in the kernel's epilogue with one split, else where the splits are summed
     residual, late = (None, residual) if P > 1 else (residual, None)
     # one split: y itself, in x's dtype; else fp32 partials (P, M, N), summed below
-    part = torch.empty((M, N // 2) if swiglu else (M, N) if P == 1 else (P, M, N), device=x.device,
-                       dtype=dtype if P == 1 else torch.float32)
+    shape = (M, N // 2) if swiglu else (M, N - 2 * kvn) if rope else (M, N) if P == 1 else (P, M, N)
+    part = torch.empty(shape, device=x.device, dtype=dtype if P == 1 else torch.float32)
     residual = None if residual is None else residual.contiguous()
     deq = group and x.dtype == scales.dtype == torch.bfloat16 and x.is_cuda and block_k >= 64
     if deq and tiles.xperm:  # x's channels 4c + r of each K tile to r block_k / 4 + c (Inductor joins this to
@@ -597,21 +626,52 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         x = x.view(M, K // block_k, block_k // 4, 4).transpose(-1, -2).reshape(M, K)
     torch.library.wrap_triton(_linear_kernel)[(triton.cdiv(N, tiles.block_n), P)](
         x, weight, weight if scales is None else scales, part, x if residual is None else residual,
-        weight if x_lo is None else x_lo, weight if row_scale is None else row_scale, M, N, K, chunk,
-        # S unused unless SCALED, Res unless RESIDUAL, XL and XS unless DIGITS
+        weight if x_lo is None else x_lo, weight if row_scale is None else row_scale, freqs, k_dec, v_dec, slot,
+        M, N, K, chunk, *((start, D * (freqs.size(0) > 1), k_dec.stride(0), k_dec.stride(1)) if rope else (0,) * 4),
+        # S unused unless SCALED, Res unless RESIDUAL, XL and XS unless DIGITS, Fr .. DST_HEAD unless ROPE
         SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP=group,
         EVEN_K=K % block_k == 0, SWIGLU=swiglu, RESIDUAL=residual is not None,
         MAGIC=magic, BIAS=bias, DIGITS=digits,
         DEQ=_DEQUANT_INT4 if deq else None, I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale,
         XPERM=bool(deq and tiles.xperm), TILES=chunk // block_k if deq and tiles.xperm and K % chunk == 0 else 0,
+        ROPE=D if rope else 0, QN=N - 2 * kvn if rope else 0, KVN=kvn if rope else 0,
         num_warps=tiles.warps, num_stages=tiles.stages)
     if P == 1:
         return part  # (M, N)
     return (part.sum(0) if late is None else late.float() + part.sum(0)).to(dtype)  # (M, N), rounded once
 
 
+def weight_kind(scales: Optional[Tensor], group: int) -> str:
+    return "int4" if group else "int8" if scales is not None else "bf16"
+
+
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def k_tile(tiles: Tiles, weight: Tensor, group: int) -> int:  # run_linear's input channels a step
     return min(group, tiles.block_k or 128) if group else tiles.block_k or 256 // weight.element_size()
+
+
+def rope_operands(layer: nn.Module, x: Tensor, head_dim: int) -> Optional[tuple[Tensor, Optional[Tensor], int]]:
+    """The weight, scales and group with which a qkv layer (TritonLinear, quantize.py's) runs x's rows (x (..., K))
+    through _linear_kernel in one split of K on tiles within a head, so that the kernel's epilogue can take RoPE
+    and the store of k and v (run_linear's rope, qkv_rope); else None: cuBLAS above MAX_M rows, PyTorch's int4
+    kernel or the one-row one, splits of K (int4's tiles at every row count)."""
+    M, K = x.numel() // x.shape[-1], x.shape[-1]
+    if isinstance(layer, TritonLinear):
+        ops = layer.weight, None, 0
+    elif hasattr(layer, "scales") and hasattr(layer, "adds_residual"):  # quantize.Int8Linear
+        ops = layer.weight, layer.scales, 0
+    else:
+        return None
+    weight, scales, group = ops
+    if not x.is_cuda or M > MAX_M or x.dtype not in (torch.bfloat16, torch.float16) or K % 16:
+        return None
+    n_sm = sm_count(x.device)
+    tiles = default_tiles(weight_kind(scales, group), weight.shape[0], M, n_sm, row_tiles_on(x.device), False, K)
+    one_split = linear_plan(M, weight.shape[0], K, k_tile(tiles, weight, group), n_sm, tiles)[1] == 1
+    return ops if one_split and not tiles.gemv and head_dim % tiles.block_n == 0 else None
 
 
 def run_gemv(x: Tensor, weight: Tensor, scales: Tensor, tiles: Tiles, group: int, swiglu: bool,
@@ -639,9 +699,9 @@ def run_gemv(x: Tensor, weight: Tensor, scales: Tensor, tiles: Tiles, group: int
 
 
 # int8 with x in digits (Tiles.digits): each row of x as q row_scale, q an integer of at most DIGITS_MAX, the
-# row's largest |x| (16-bit fixed point: each value within row_scale / 2 = max|x| 2^-16 of x), and q = 256 hi + lo
-# with hi, lo in [-127, 127]. The kernel multiplies the int8 weight by hi and by lo on the tensor cores, exactly:
-# no conversion of the weight at all
+# row's largest |x| (16-bit fixed point: each value within row_scale / 2 = max|x| 2^-16 of x, and the rounding of
+# the fp32 quotient x / row_scale), and q = 256 hi + lo with hi, lo in [-127, 127]. The kernel multiplies the
+# int8 weight by hi and by lo on the tensor cores, exactly: no conversion of the weight at all
 DIGITS_MAX = 127 * 256 + 127
 
 
@@ -718,6 +778,19 @@ def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: in
     y = run_linear(x.reshape(-1, x.shape[-1]), weight, scales, group=group, swiglu=swiglu,
                    residual=None if residual is None else residual.reshape(-1, residual.shape[-1]), pairs=pairs)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@torch.library.triton_op("linear_triton::qkv_rope", mutates_args={"k_dec", "v_dec"})
+def qkv_rope(x: Tensor, weight: Tensor, scales: Optional[Tensor], group: int, freqs_cis: Tensor, k_dec: Tensor,
+             v_dec: Tensor, slot: Tensor, start: int) -> Tensor:
+    """A decode step's qkv layer (the operands rope_operands gives) on x (B, 1, K), with RoPE and the store of k
+    and v in its kernel's epilogue: q rotated, (B, H, 1, D), returned; k rotated and v stored in slot slot[0] -
+    start of k_dec, v_dec (B, Hkv, T, D); freqs_cis ((1 or B), 1, D/2, 2). bifurcated.store_decode's work, without
+    a launch of its own."""
+    B, D = x.shape[0], k_dec.size(-1)
+    q = run_linear(x.reshape(B, -1), weight, scales, group=group,
+                   rope=(freqs_cis.reshape(-1, D), k_dec, v_dec, slot, start))
+    return q.view(B, -1, 1, D)
 
 
 def forward_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0, swiglu: bool = False,

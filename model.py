@@ -198,9 +198,13 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, freqs_cis: Tensor, input_pos: Tensor, residual: Tensor) -> Tensor:
         B, S, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q, k, v = q.view(B, S, H, D), k.view(B, S, Hkv, D), v.view(B, S, Hkv, D)  # before RoPE
-        y = self.kv_cache(q, k, v, freqs_cis, input_pos)  # (B, H, S, D)
+        # a cache whose kernels take the decode step's qkv layer, RoPE and the store in one launch (bifurcated.py)
+        step = getattr(self.kv_cache, "qkv_attention", None)
+        y = None if step is None else step(self.wqkv, x, freqs_cis, input_pos)  # (B, H, S, D)
+        if y is None:
+            q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q, k, v = q.view(B, S, H, D), k.view(B, S, Hkv, D), v.view(B, S, Hkv, D)  # before RoPE
+            y = self.kv_cache(q, k, v, freqs_cis, input_pos)  # (B, H, S, D)
         y = y.transpose(1, 2).reshape(B, S, H * D)  # (B, S, H D)
         return add_residual(self.wo, y, residual)
 

@@ -131,6 +131,50 @@ def test_rope_in_attention_launch_matches_apart(Hkv, n, per_row):
     assert rel_err(out, ref) < 1e-3
 
 
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["one-position", "positions-per-row"])
+@pytest.mark.parametrize("Hkv,n", [(32, 1), (32, 8), (32, 32), (32, 64), (8, 32), (8, 5)])
+def test_qkv_rope_matches_apart(kind, Hkv, n, per_row):
+    # the qkv layer with RoPE and the store of k and v in its kernel's epilogue (linear_triton.qkv_rope) ==
+    # the layer, then rope_store. The epilogue rotates the fp32 sums, rope_store their bf16 roundings: q and
+    # k within a bf16 step; v, the same sums rounded once, bit-equal
+    import linear_triton as lt
+    from model import precompute_freqs_cis
+    bt = pytest.importorskip("bifurcated_triton")
+    H, D, K, M, T, slot = 32, 128, 4096, 4097, 128, 37
+    g = torch.Generator("cuda").manual_seed(n + Hkv)
+    w = torch.randn((H + 2 * Hkv) * D, K, generator=g, device="cuda") * 0.02
+    if kind == "bf16":
+        layer = lt.TritonLinear(torch.nn.Parameter(w.to(torch.bfloat16)))
+    elif kind == "int8":
+        layer = quantize.Int8Linear(K, w.size(0))
+        layer.weight, layer.scales = quantize.quantize_int8(w)
+    else:
+        layer = quantize.Int4Linear(K, w.size(0), 128)
+        layer.weight, layer.scales_and_zeros = quantize.quantize_int4(w, 128)
+        layer.pack_for_cuda()
+    x = torch.randn(n, 1, K, generator=g, device="cuda").to(torch.bfloat16)
+    ops = lt.rope_operands(layer, x, D)
+    # not: int4 (PyTorch's int4 kernel, the one-row one, or splits of K); int8 narrow layers, in splits of K
+    takes = kind == "bf16" or (kind == "int8" and w.size(0) >= lt.WIDE)
+    assert (ops is not None) == takes
+    if not takes:
+        return
+    table = precompute_freqs_cis(8192, D, 10000.0, None, "cuda")
+    freqs = table[M + slot + torch.arange(n if per_row else 1, device="cuda")][:, None]
+    kd, vd = (torch.randn(n, Hkv, T, D, generator=g, device="cuda").to(torch.bfloat16) for _ in range(2))
+    kd2, vd2 = kd.clone(), vd.clone()
+    pos = torch.tensor([M + slot], device="cuda")
+    out = lt.qkv_rope(x, *ops, freqs, kd2, vd2, pos, M)
+    q, k, v = layer(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+    ref = bt.rope_store(q.view(n, 1, H, D), k.view(n, 1, Hkv, D), v.view(n, 1, Hkv, D), freqs, kd, vd, pos, M)
+    assert out.shape == ref.shape == (n, H, 1, D)
+    assert rel_err(out, ref) < 2**-8 and rel_err(kd2[:, :, slot], kd[:, :, slot]) < 2**-8
+    assert torch.equal(vd2, vd)
+    kd2[:, :, slot] = kd[:, :, slot]
+    assert torch.equal(kd2, kd)  # the other slots untouched
+
+
 @pytest.mark.parametrize("Hkv", [32, 8, 1])
 def test_rope_store_context_matches_plain(Hkv):
     # the prefill's RoPE + context-cache write in one kernel == the same in plain PyTorch; a prompt
