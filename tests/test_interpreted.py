@@ -256,7 +256,8 @@ def test_linear_tiles_by_rows_where_measured_faster(monkeypatch):
     # an H100, where they were slower (tiles-ab.md), keeps the 16-row tiles at every row count
     lt = pytest.importorskip("linear_triton")
     for name, mine in [("NVIDIA H200", True), ("NVIDIA H100 80GB HBM3", False)]:
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None, name=name: SimpleNamespace(name=name))
+        props = SimpleNamespace(name=name)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None, props=props: props)
         assert lt.row_tiles_on(torch.device("cuda")) == mine
     assert lt.row_tiles_on(torch.device("cpu"))
     for M in (32, 64):
