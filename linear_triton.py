@@ -575,7 +575,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     # pairs (gemv_input's, int16 (1, N / 2)); x int16 (1, K): such pairs
     # rope (freqs, k_dec, v_dec, slot, start), a decode step's qkv layer (weight [q; k; v] heads): freqs (1 or M, D)
     # the cos, sin of each pair of each row's position, k_dec, v_dec (M, Hkv, T, D); RoPE on q and k, k and v
-    # stored in slot slot[0] - start; y is q, (M, N - 2 Hkv D). Where rope_tiles says the kernel takes it
+    # stored in slot slot[0] - start; y is q, (M, N - 2 Hkv D). Where rope_operands says the kernel takes it
     M, K = x.shape
     N = weight.shape[0]
     if weight.shape[1] * (2 if group else 1) != K:

@@ -50,8 +50,9 @@ def compile_linear(kind: str, block_m: int, block_n: int, block_k: int, stages: 
     f16, xperm, digits = kind == "int8-f16", kind == "int4-xperm", kind == "int8-digits"
     kind = VARIANTS.get(kind, kind)
     sig = {"X": "*fp16" if f16 else "*i8" if digits else "*bf16", "W": {"bf16": "*bf16", "int8": "*i8"}.get(kind, "*u8"),
-           "S": "*bf16", "Out": "*bf16", "Res": "*bf16", "XL": "*i8", "XS": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-           "CHUNK": "i32"}
+           "S": "*bf16", "Out": "*bf16", "Res": "*bf16", "XL": "*i8", "XS": "*fp32", "Fr": "*fp32", "KD": "*bf16",
+           "VD": "*bf16", "Slot": "*i64", "M": "i32", "N": "i32", "K": "i32", "CHUNK": "i32", "START": "i32",
+           "F_ROW": "i32", "DST_ROW": "i32", "DST_HEAD": "i32"}
     const = dict(SCALED=kind != "bf16", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                  GROUP=128 if kind == "int4" else 0, EVEN_K=True, SWIGLU=False, RESIDUAL=False, MAGIC=0x4300,
                  BIAS=128.0, DEQ=lt._DEQUANT_INT4 if kind == "int4" and block_k >= 64 else None,
@@ -59,7 +60,7 @@ def compile_linear(kind: str, block_m: int, block_n: int, block_k: int, stages: 
                  XPERM=xperm, TILES=16 if xperm else 0, DIGITS=digits)
     const.update(epilogue)
     sig.update({k: "constexpr" for k in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9, 10)}  # not M
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (*range(11), 12, 13, 14)}  # the pointers, N, K, CHUNK: not M
     return triton.compile(ASTSource(lt._linear_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 
