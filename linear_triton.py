@@ -52,6 +52,7 @@ X_SHIFT = 4
 GEMV_ROWS = 1  # int4 up to this many rows (0 or 1): the CUDA-core kernel (Tiles.gemv); 0: PyTorch's (tinygemm)
 MAX_M = 64  # above this (prefill) the product is compute-bound: cuBLAS does it
 WIDE = 8192  # output channels from which a layer counts as wide (its tiles)
+ROPE_KINDS = ("bf16", "int8")  # the qkv layers whose kernel takes RoPE and the store of k and v (rope_operands)
 NARROW = 4096  # bf16 layers from this many output channels take the kernel (128 programs of 32 fill the SMs)
 
 
@@ -130,14 +131,25 @@ def _silu_mul(gate, up):
 
 
 @triton.jit
-def _linear_kernel(X, W, S, Out, Res, XL, XS, Fr, KD, VD, Slot, M, N, K, CHUNK, START, F_ROW, DST_ROW, DST_HEAD,
+def _rope_freqs(Fr, rows, rmask, d, ROPE: tl.constexpr, ROPE_ROWS: tl.constexpr):
+    # cos, sin of each pair (2i, 2i + 1) of channels d: (BLOCK_M, BLOCK_N) of each row's position (ROPE_ROWS), else
+    # (1, BLOCK_N) of the one position all rows share (a decode step of the samples of one prompt)
+    if ROPE_ROWS:
+        rot = tl.load(Fr + rows[:, None] * ROPE + d[None, :], mask=rmask[:, None], other=0.0)
+    else:
+        rot = tl.load(Fr + d)[None, :]
+    return rot.to(tl.float32)  # (one return: Triton types every return of a function alike, even untaken ones)
+
+
+@triton.jit
+def _linear_kernel(X, W, S, Out, Res, XL, XS, Fr, KD, VD, Slot, M, N, K, CHUNK, START, DST_ROW, DST_HEAD,
                    SCALED: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
                    SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, MAGIC: tl.constexpr = 0,
                    BIAS: tl.constexpr = 0.0, DEQ: tl.constexpr = None, I8F16: tl.constexpr = None,
                    X_SCALE: tl.constexpr = 1.0, XPERM: tl.constexpr = False,
                    TILES: tl.constexpr = 0, DIGITS: tl.constexpr = False, ROPE: tl.constexpr = 0,
-                   QN: tl.constexpr = 0, KVN: tl.constexpr = 0):
+                   QN: tl.constexpr = 0, KVN: tl.constexpr = 0, ROPE_ROWS: tl.constexpr = False):
     nb, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     cols, cmask = _program_channels(nb, N, BLOCK_N, SWIGLU)
@@ -160,10 +172,10 @@ def _linear_kernel(X, W, S, Out, Res, XL, XS, Fr, KD, VD, Slot, M, N, K, CHUNK, 
         res = tl.load(Res + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
     if DIGITS:  # x's scale of each row
         row_scale = tl.load(XS + rows, mask=rmask, other=0.0)  # (BLOCK_M,) fp32
-    if ROPE:  # the tile's channels d of one head: cos, sin of each pair (2i, 2i + 1) of each row's position
+    if ROPE:  # the tile's channels d of one head
         d = (nb * BLOCK_N) % ROPE + tl.arange(0, BLOCK_N)
-        rot = tl.load(Fr + rows[:, None] * F_ROW + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
         slot = tl.load(Slot) - START
+        rot = _rope_freqs(Fr, rows, rmask, d, ROPE, ROPE_ROWS)
     # y^T = W x^T: W's rows fill the MMA's large side, x's few rows (padded to 16) the small one
     # (int8 with x in fp16, I8F16: x's rows the first operand, so that each warp converts weights of its own)
     acc = tl.zeros([BLOCK_M, BLOCK_N] if I8F16 is not None else [BLOCK_N, BLOCK_M], tl.float32)
@@ -273,7 +285,7 @@ def _linear_kernel(X, W, S, Out, Res, XL, XS, Fr, KD, VD, Slot, M, N, K, CHUNK, 
             # to slot `slot` of row i's heads in KD, VD (at i DST_ROW + head DST_HEAD + slot ROPE)
             c0 = nb * BLOCK_N  # the tile lies in one head
             a0, a1 = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
-            cos, sin = tl.split(tl.reshape(rot, (BLOCK_M, BLOCK_N // 2, 2)))
+            cos, sin = tl.split(tl.reshape(rot, (BLOCK_M if ROPE_ROWS else 1, BLOCK_N // 2, 2)))
             rotated = tl.reshape(tl.join(a0 * cos - a1 * sin, a1 * cos + a0 * sin), (BLOCK_M, BLOCK_N))
             y = tl.where(c0 < QN + KVN, rotated, acc).to(Out.dtype.element_ty)
             tl.store(Out + rows[:, None] * QN + cols[None, :], y, mask=omask & (c0 < QN))
@@ -627,7 +639,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     torch.library.wrap_triton(_linear_kernel)[(triton.cdiv(N, tiles.block_n), P)](
         x, weight, weight if scales is None else scales, part, x if residual is None else residual,
         weight if x_lo is None else x_lo, weight if row_scale is None else row_scale, freqs, k_dec, v_dec, slot,
-        M, N, K, chunk, *((start, D * (freqs.size(0) > 1), k_dec.stride(0), k_dec.stride(1)) if rope else (0,) * 4),
+        M, N, K, chunk, *((start, k_dec.stride(0), k_dec.stride(1)) if rope else (0,) * 3),
         # S unused unless SCALED, Res unless RESIDUAL, XL and XS unless DIGITS, Fr .. DST_HEAD unless ROPE
         SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GROUP=group,
         EVEN_K=K % block_k == 0, SWIGLU=swiglu, RESIDUAL=residual is not None,
@@ -635,6 +647,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         DEQ=_DEQUANT_INT4 if deq else None, I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale,
         XPERM=bool(deq and tiles.xperm), TILES=chunk // block_k if deq and tiles.xperm and K % chunk == 0 else 0,
         ROPE=D if rope else 0, QN=N - 2 * kvn if rope else 0, KVN=kvn if rope else 0,
+        ROPE_ROWS=bool(rope) and freqs.size(0) > 1,
         num_warps=tiles.warps, num_stages=tiles.stages)
     if P == 1:
         return part  # (M, N)
@@ -666,10 +679,11 @@ def rope_operands(layer: nn.Module, x: Tensor, head_dim: int) -> Optional[tuple[
     else:
         return None
     weight, scales, group = ops
-    if not x.is_cuda or M > MAX_M or x.dtype not in (torch.bfloat16, torch.float16) or K % 16:
+    kind = weight_kind(scales, group)
+    if kind not in ROPE_KINDS or not x.is_cuda or M > MAX_M or x.dtype not in (torch.bfloat16, torch.float16) or K % 16:
         return None
     n_sm = sm_count(x.device)
-    tiles = default_tiles(weight_kind(scales, group), weight.shape[0], M, n_sm, row_tiles_on(x.device), False, K)
+    tiles = default_tiles(kind, weight.shape[0], M, n_sm, row_tiles_on(x.device), False, K)
     one_split = linear_plan(M, weight.shape[0], K, k_tile(tiles, weight, group), n_sm, tiles)[1] == 1
     return ops if one_split and not tiles.gemv and head_dim % tiles.block_n == 0 else None
 

@@ -52,7 +52,7 @@ def compile_linear(kind: str, block_m: int, block_n: int, block_k: int, stages: 
     sig = {"X": "*fp16" if f16 else "*i8" if digits else "*bf16", "W": {"bf16": "*bf16", "int8": "*i8"}.get(kind, "*u8"),
            "S": "*bf16", "Out": "*bf16", "Res": "*bf16", "XL": "*i8", "XS": "*fp32", "Fr": "*fp32", "KD": "*bf16",
            "VD": "*bf16", "Slot": "*i64", "M": "i32", "N": "i32", "K": "i32", "CHUNK": "i32", "START": "i32",
-           "F_ROW": "i32", "DST_ROW": "i32", "DST_HEAD": "i32"}
+           "DST_ROW": "i32", "DST_HEAD": "i32"}
     const = dict(SCALED=kind != "bf16", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                  GROUP=128 if kind == "int4" else 0, EVEN_K=True, SWIGLU=False, RESIDUAL=False, MAGIC=0x4300,
                  BIAS=128.0, DEQ=lt._DEQUANT_INT4 if kind == "int4" and block_k >= 64 else None,

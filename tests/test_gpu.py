@@ -156,7 +156,7 @@ def test_qkv_rope_matches_apart(kind, Hkv, n, per_row):
     x = torch.randn(n, 1, K, generator=g, device="cuda").to(torch.bfloat16)
     ops = lt.rope_operands(layer, x, D)
     # not: int4 (PyTorch's int4 kernel, the one-row one, or splits of K); int8 narrow layers, in splits of K
-    takes = kind == "bf16" or (kind == "int8" and w.size(0) >= lt.WIDE)
+    takes = kind in lt.ROPE_KINDS and (kind == "bf16" or w.size(0) >= lt.WIDE)
     assert (ops is not None) == takes
     if not takes:
         return
