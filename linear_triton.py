@@ -52,7 +52,9 @@ X_SHIFT = 4
 GEMV_ROWS = 1  # int4 up to this many rows (0 or 1): the CUDA-core kernel (Tiles.gemv); 0: PyTorch's (tinygemm)
 MAX_M = 64  # above this (prefill) the product is compute-bound: cuBLAS does it
 WIDE = 8192  # output channels from which a layer counts as wide (its tiles)
-ROPE_KINDS = ("bf16", "int8")  # the qkv layers whose kernel takes RoPE and the store of k and v (rope_operands)
+# the qkv layers whose kernel takes RoPE and the store of k and v (rope_operands): int8's (whole steps, 8K n = 32:
+# 5.38 -> 5.33 ms); bf16's lost 0.04-0.07 ms there, though its kernel alone gained (H100, rope-in-qkv.md)
+ROPE_KINDS = ("int8",)
 NARROW = 4096  # bf16 layers from this many output channels take the kernel (128 programs of 32 fill the SMs)
 
 
