@@ -239,6 +239,15 @@ def test_linear_kernels_compile_for_sm90(kind, N, M, K, epilogue, row_tiles):
     assert k.asm["cubin"] and ".target sm_90" in k.asm["ptx"]
 
 
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("M", [1, 8, 32, 64])
+@pytest.mark.parametrize("per_row", [False, True], ids=["one-position", "positions-per-row"])
+def test_qkv_rope_epilogue_compiles_for_sm90(kind, M, per_row):
+    # wqkv's RoPE and k/v store (run_linear's rope) on its tiles, compiled for sm_90 as above
+    k = compile_default(kind, 12288, M, 4096, False, ROPE=128, QN=4096, KVN=4096, ROPE_ROWS=per_row)
+    assert k.asm["cubin"]
+
+
 def test_own_slots_in_the_context_programs_where_measured_faster():
     # own_in_level's rule, on the plans of attention-own-in-level.md's rows (H100): MHA with 8 or 16 samples
     # for 8 programs a KV head, yes; one sample, GQA, several prompts' levels, too many own slots: no
