@@ -624,7 +624,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         tiles = dataclasses.replace(tiles, splits=1)
     block_m, P, chunk = linear_plan(M, N, K, block_k, n_sm, tiles)
     freqs, k_dec, v_dec, slot, start = rope or (weight, weight, weight, weight, 0)  # unused unless rope
-    D, kvn = k_dec.size(-1), k_dec.size(1) * k_dec.size(-1)
+    D, kvn = (k_dec.size(-1), k_dec.size(1) * k_dec.size(-1)) if rope else (0, 0)  # head dim, k's channels
     if rope is not None and (M > MAX_M or P > 1 or swiglu or residual is not None or D % tiles.block_n
                              or k_dec.stride(2) != D or freqs.size(-1) != D):
         raise ValueError(f"RoPE in the qkv kernel's epilogue needs one split and tiles within a head: {tiles}")
@@ -648,7 +648,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         MAGIC=magic, BIAS=bias, DIGITS=digits,
         DEQ=_DEQUANT_INT4 if deq else None, I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale,
         XPERM=bool(deq and tiles.xperm), TILES=chunk // block_k if deq and tiles.xperm and K % chunk == 0 else 0,
-        ROPE=D if rope else 0, QN=N - 2 * kvn if rope else 0, KVN=kvn if rope else 0,
+        ROPE=D, QN=N - 2 * kvn if rope else 0, KVN=kvn,
         ROPE_ROWS=bool(rope) and freqs.size(0) > 1,
         num_warps=tiles.warps, num_stages=tiles.stages)
     if P == 1:
@@ -674,13 +674,10 @@ def rope_operands(layer: nn.Module, x: Tensor, head_dim: int) -> Optional[tuple[
     and the store of k and v (run_linear's rope, qkv_rope); else None: cuBLAS above MAX_M rows, PyTorch's int4
     kernel or the one-row one, splits of K (int4's tiles at every row count)."""
     M, K = x.numel() // x.shape[-1], x.shape[-1]
-    if isinstance(layer, TritonLinear):
-        ops = layer.weight, None, 0
-    elif hasattr(layer, "scales") and hasattr(layer, "adds_residual"):  # quantize.Int8Linear
-        ops = layer.weight, layer.scales, 0
-    else:
+    operands = getattr(layer, "kernel_operands", None)  # TritonLinear's, quantize.Int8Linear's
+    if operands is None:
         return None
-    weight, scales, group = ops
+    weight, scales, group = ops = operands()
     kind = weight_kind(scales, group)
     if kind not in ROPE_KINDS or not x.is_cuda or M > MAX_M or x.dtype not in (torch.bfloat16, torch.float16) or K % 16:
         return None
@@ -834,6 +831,9 @@ class TritonLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.weight = weight  # (N, K)
         self.swiglu, self.adds_residual = swiglu, adds_residual
+
+    def kernel_operands(self) -> tuple[Tensor, None, int]:  # run_linear's weight, scales, group (rope_operands)
+        return self.weight, None, 0
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         return forward_linear(x, self.weight, swiglu=self.swiglu, residual=residual)

@@ -130,6 +130,9 @@ class Int8Linear(nn.Module):
     def take_cols(self, start: int, stop: int):  # the scales are per output channel: all kept
         self.weight = self.weight[:, start:stop].contiguous()
 
+    def kernel_operands(self) -> tuple[Tensor, Tensor, int]:  # linear_triton.run_linear's weight, scales, group
+        return self.weight, self.scales, 0
+
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if triton_linear is not None and x.is_cuda:  # one Triton kernel: 1 byte read per weight
             return triton_linear(x, self.weight, self.scales, swiglu=self.swiglu, residual=residual)

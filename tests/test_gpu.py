@@ -134,7 +134,7 @@ def test_rope_in_attention_launch_matches_apart(Hkv, n, per_row):
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("per_row", [False, True], ids=["one-position", "positions-per-row"])
 @pytest.mark.parametrize("Hkv,n", [(32, 1), (32, 8), (32, 32), (32, 64), (8, 32), (8, 5)])
-def test_qkv_rope_matches_apart(kind, Hkv, n, per_row):
+def test_qkv_rope_matches_apart(kind, Hkv, n, per_row, monkeypatch):
     # the qkv layer with RoPE and the store of k and v in its kernel's epilogue (linear_triton.qkv_rope) ==
     # the layer, then rope_store. The epilogue rotates the fp32 sums, rope_store their bf16 roundings: q and
     # k within a bf16 step; v, the same sums rounded once, bit-equal
@@ -154,11 +154,13 @@ def test_qkv_rope_matches_apart(kind, Hkv, n, per_row):
         layer.weight, layer.scales_and_zeros = quantize.quantize_int4(w, 128)
         layer.pack_for_cuda()
     x = torch.randn(n, 1, K, generator=g, device="cuda").to(torch.bfloat16)
+    # the model's: int8's wide wqkv (ROPE_KINDS); bf16's too when asked (ab_step's rope-bf16). Not: int4 (PyTorch's
+    # int4 kernel, the one-row one, or splits of K); int8's narrow layers, in splits of K
+    assert (lt.rope_operands(layer, x, D) is not None) == (kind == "int8" and w.size(0) >= lt.WIDE)
+    monkeypatch.setattr(lt, "ROPE_KINDS", ("bf16", "int8"))
     ops = lt.rope_operands(layer, x, D)
-    # not: int4 (PyTorch's int4 kernel, the one-row one, or splits of K); int8 narrow layers, in splits of K
-    takes = kind in lt.ROPE_KINDS and (kind == "bf16" or w.size(0) >= lt.WIDE)
-    assert (ops is not None) == takes
-    if not takes:
+    if ops is None:
+        assert kind == "int4" or (kind == "int8" and w.size(0) < lt.WIDE)
         return
     table = precompute_freqs_cis(8192, D, 10000.0, None, "cuda")
     freqs = table[M + slot + torch.arange(n if per_row else 1, device="cuda")][:, None]
