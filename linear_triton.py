@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from model import RMSNorm, Transformer
 from model import swiglu as swiglu_activation
@@ -116,10 +117,14 @@ def _dequant_int4(h, scale, zero, DEQ: tl.constexpr):
 
 
 @triton.jit
-def _program_channels(nb, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
+def _program_channels(nb, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr, HALVES: tl.constexpr = False):
     # program nb's BLOCK_N output channels and their mask; with SWIGLU the weight's rows gate f, up f,
-    # gate f + 1, up f + 1, ... (w13 = [w1; w3]: gate rows first, N / 2 of each)
+    # gate f + 1, up f + 1, ... (w13 = [w1; w3]: gate rows first, N / 2 of each), or with HALVES the
+    # BLOCK_N / 2 gate rows, then the matching up rows
     i = tl.arange(0, BLOCK_N)
+    if SWIGLU and HALVES:
+        f = nb * (BLOCK_N // 2) + i % (BLOCK_N // 2)
+        return f + (i // (BLOCK_N // 2)) * (N // 2), f < N // 2
     if SWIGLU:
         f = nb * (BLOCK_N // 2) + i // 2
         return f + (i % 2) * (N // 2), f < N // 2
@@ -151,15 +156,21 @@ def _linear_kernel(X, W, S, Out, Res, XL, XS, Fr, KD, VD, Slot, M, N, K, CHUNK, 
                    BIAS: tl.constexpr = 0.0, DEQ: tl.constexpr = None, I8F16: tl.constexpr = None,
                    X_SCALE: tl.constexpr = 1.0, XPERM: tl.constexpr = False,
                    TILES: tl.constexpr = 0, DIGITS: tl.constexpr = False, ROPE: tl.constexpr = 0,
-                   QN: tl.constexpr = 0, KVN: tl.constexpr = 0, ROPE_ROWS: tl.constexpr = False):
+                   QN: tl.constexpr = 0, KVN: tl.constexpr = 0, ROPE_ROWS: tl.constexpr = False,
+                   TMA: tl.constexpr = False):
+    # TMA: W is a TensorDescriptor (the Hopper's tensor memory accelerator copies its tiles; bf16, int8), of
+    # (BLOCK_N, BLOCK_K) tiles, or with SWIGLU of W as (2, N / 2, K), tiles (2, BLOCK_N / 2, BLOCK_K): a tile's
+    # gate rows, then its up rows
     nb, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
-    cols, cmask = _program_channels(nb, N, BLOCK_N, SWIGLU)
+    cols, cmask = _program_channels(nb, N, BLOCK_N, SWIGLU, TMA)
     rmask = rows < M
     start = split * CHUNK
     kk = tl.arange(0, BLOCK_K)
     x_ptrs = X + rows[:, None] * K + start + kk[None, :]  # (BLOCK_M, BLOCK_K)
-    if DEQ is not None:  # int4 as int16 words: BLOCK_K / 4 of each row hold BLOCK_K weights
+    if TMA:
+        w_ptrs = W  # a descriptor: no pointers
+    elif DEQ is not None:  # int4 as int16 words: BLOCK_K / 4 of each row hold BLOCK_K weights
         w_ptrs = (W.to(tl.pointer_type(tl.int16)) + cols[:, None].to(tl.int64) * (K // 4) + start // 4
                   + tl.arange(0, BLOCK_K // 4)[None, :])
     elif GROUP:  # int4: BLOCK_K / 2 bytes of each row hold BLOCK_K weights
@@ -250,7 +261,12 @@ def _linear_kernel(X, W, S, Out, Res, XL, XS, Fr, KD, VD, Slot, M, N, K, CHUNK, 
             xsum = tl.sum(x.to(tl.float32), axis=1)  # (BLOCK_M,)
             acc += xq * scale[:, None] + (zero - (8.0 + BIAS) * scale)[:, None] * xsum[None, :]
         else:
-            w = tl.load(w_ptrs, mask=cmask[:, None] & kmask, other=0.0, eviction_policy="evict_first")
+            if TMA and SWIGLU:  # rows past N / 2 or K: zeros
+                w = tl.reshape(W.load([0, nb * (BLOCK_N // 2), k0]), (BLOCK_N, BLOCK_K))
+            elif TMA:
+                w = W.load([nb * BLOCK_N, k0])
+            else:
+                w = tl.load(w_ptrs, mask=cmask[:, None] & kmask, other=0.0, eviction_policy="evict_first")
             if I8F16 is not None:  # x in fp16 (times 1 / X_SCALE): the weights by I8F16's bit operations
                 w = tl.inline_asm_elementwise(asm=I8F16, constraints="=r,=r,r", args=[w], dtype=tl.float16,
                                               is_pure=True, pack=4)
@@ -263,7 +279,8 @@ def _linear_kernel(X, W, S, Out, Res, XL, XS, Fr, KD, VD, Slot, M, N, K, CHUNK, 
             else:
                 acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # (BLOCK_N, BLOCK_M); int8 -> bf16 is exact
         x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K // 4 if DEQ is not None else BLOCK_K // 2 if GROUP else BLOCK_K
+        if not TMA:
+            w_ptrs += BLOCK_K // 4 if DEQ is not None else BLOCK_K // 2 if GROUP else BLOCK_K
     if XPERM:
         acc = (acc + acc1) + (acc2 + acc3)
     if DIGITS:  # x = (256 hi + lo) row_scale; 256 hi . w alone could overflow int32
@@ -275,7 +292,10 @@ def _linear_kernel(X, W, S, Out, Res, XL, XS, Fr, KD, VD, Slot, M, N, K, CHUNK, 
     if DIGITS:
         acc *= row_scale[:, None]
     if SWIGLU:  # one split: y (M, N / 2) = silu(gate) * up
-        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # (BLOCK_M, BLOCK_N / 2) each
+        if TMA:  # the tile's gate channels, then its up channels
+            gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        else:
+            gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # (BLOCK_M, BLOCK_N / 2) each
         f = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         tl.store(Out + rows[:, None] * (N // 2) + f[None, :], _silu_mul(gate, up).to(Out.dtype.element_ty),
                  mask=rmask[:, None] & (f < N // 2)[None, :])
@@ -500,6 +520,7 @@ class Tiles:
     gemv: bool = False  # int4 at one row: the CUDA-core kernel (_gemv_int4_kernel), block_k / group groups a step
     xperm: bool = False  # int4 with bf16 x on a GPU: x's channels in the order of the dequantized weight (DEQ)
     digits: bool = False  # int8: x as two int8 digits of a 16-bit fixed point a row, int8 products (DIGITS)
+    tma: bool = False  # bf16, int8: the weight's tiles copied by the tensor memory accelerator (TMA), on a GPU
 
 
 # GPUs whose bf16 tiles from 17 rows are default_tiles' own (row_tiles=True): there they were measured
@@ -635,11 +656,16 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     part = torch.empty(shape, device=x.device, dtype=dtype if P == 1 else torch.float32)
     residual = None if residual is None else residual.contiguous()
     deq = group and x.dtype == scales.dtype == torch.bfloat16 and x.is_cuda and block_k >= 64
+    tma = tiles.tma and not group
+    w_arg = weight
+    if tma:  # (N, K) in (BLOCK_N, BLOCK_K) tiles; for swiglu (2, N / 2, K): a tile's gate rows, then its up rows
+        w_arg = (TensorDescriptor.from_tensor(weight.view(2, N // 2, K), [2, tiles.block_n // 2, block_k]) if swiglu
+                 else TensorDescriptor.from_tensor(weight, [tiles.block_n, block_k]))
     if deq and tiles.xperm:  # x's channels 4c + r of each K tile to r block_k / 4 + c (Inductor joins this to
         # the op that makes x)
         x = x.view(M, K // block_k, block_k // 4, 4).transpose(-1, -2).reshape(M, K)
     torch.library.wrap_triton(_linear_kernel)[(triton.cdiv(N, tiles.block_n), P)](
-        x, weight, weight if scales is None else scales, part, x if residual is None else residual,
+        x, w_arg, weight if scales is None else scales, part, x if residual is None else residual,
         weight if x_lo is None else x_lo, weight if row_scale is None else row_scale, freqs, k_dec, v_dec, slot,
         M, N, K, chunk, *((start, k_dec.stride(0), k_dec.stride(1)) if rope else (0,) * 3),
         # S unused unless SCALED, Res unless RESIDUAL, XL and XS unless DIGITS, Fr .. DST_HEAD unless ROPE
@@ -649,7 +675,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         DEQ=_DEQUANT_INT4 if deq else None, I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale,
         XPERM=bool(deq and tiles.xperm), TILES=chunk // block_k if deq and tiles.xperm and K % chunk == 0 else 0,
         ROPE=D, QN=N - 2 * kvn if rope else 0, KVN=kvn,
-        ROPE_ROWS=bool(rope) and freqs.size(0) > 1,
+        ROPE_ROWS=bool(rope) and freqs.size(0) > 1, TMA=tma,
         num_warps=tiles.warps, num_stages=tiles.stages)
     if P == 1:
         return part  # (M, N)

@@ -156,6 +156,14 @@ def layer_tiles(weights: str, layer: str, new: "lt.Tiles", *more):
     return tiles_patch(pick)
 
 
+def tma_tiles(wide: bool, narrow: bool):
+    """bf16 and int8 layers with the weight's tiles copied by the TMA (Tiles.tma), wide and / or narrow ones."""
+    def pick(base, kind, N, *args):
+        t = base(kind, N, *args)
+        return dataclasses.replace(t, tma=wide if N >= lt.WIDE else narrow) if kind in ("bf16", "int8") else t
+    return tiles_patch(pick)
+
+
 T = lt.Tiles
 LAYER_TILES = {  # name: (weights, layer, tiles). bench/results/h100-80gb-hbm3/narrow-tiles.md ran these when main had
     # the tiles of the two "-before" ones (since: Llama-2-7B's w2 as bf16-w2-64-s2, int8's wqkv as int8-wqkv-64-k256)
@@ -200,7 +208,9 @@ VARIANTS = {"main": lambda: None, "narrow-tiles-before": narrow_tiles_before, "p
             "int4-tiles-before": lambda: int4_tiles(INT4_BEFORE, INT4_BEFORE),
             "dense-add-after": dense_add_after, "context-no-cudnn": lambda: (bt, "cudnn_context", lambda *args: False),
             "rope-apart": lambda: (lt, "rope_operands", lambda *args: None),  # RoPE and the store not in wqkv's kernel
-            "rope-bf16": lambda: (lt, "ROPE_KINDS", ("bf16", "int8")),  # bf16's wqkv takes RoPE and the store too
+            "rope-bf16": lambda: (lt, "ROPE_KINDS", ("bf16", "int8")),
+            "tma": lambda: tma_tiles(True, True), "tma-wide": lambda: tma_tiles(True, False),
+            "tma-narrow": lambda: tma_tiles(False, True),  # bf16's wqkv takes RoPE and the store too
             "int4-narrow-128": lambda: int4_tiles(lt.default_tiles("int4", lt.WIDE, 32),
                                                   lt.Tiles(block_n=128, block_k=128, stages=3)),
             **{name: (lambda v: lambda: layer_tiles(*v))(v) for name, v in LAYER_TILES.items()},

@@ -116,6 +116,12 @@ for M, N, K in [(3, 64, 256), (1, 48, 160), (17, 96, 512)]:  # rows, output and 
         worst = max(worst, rel(lt.run_linear(x, w, None, tiles=tiles, residual=res), ref + res))
         worst = max(worst, rel(lt.run_linear(x, w, None, tiles=tiles, swiglu=True), swiglu(ref)))
         worst = max(worst, rel(lt.run_linear(x, q, s, tiles=tiles), ref8))
+        # the weight's tiles through a tensor descriptor (Tiles.tma; rows and channels past N and K: zeros)
+        tt = lt.Tiles(block_n=tiles.block_n, block_k=tiles.block_k, splits=tiles.splits, tma=True)
+        for args, kw, expected in [((w, None), {}, ref), ((w, None), dict(residual=res), ref + res),
+                                   ((w, None), dict(swiglu=True), swiglu(ref)), ((q, s), {}, ref8),
+                                   ((q, s), dict(swiglu=True), swiglu(ref8))]:
+            worst = max(worst, rel(lt.run_linear(x, *args, tiles=tt, **kw), expected))
         # int8 with x in digits (Tiles.digits: x to a 16-bit fixed point a row, max|x| 2^-16 off at most)
         td = lt.Tiles(block_n=tiles.block_n, block_k=tiles.block_k, splits=tiles.splits, digits=True)
         for kw, expected in [({}, ref8), (dict(residual=res), ref8 + res), (dict(swiglu=True), swiglu(ref8))]:
