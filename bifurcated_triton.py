@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 
@@ -43,10 +44,18 @@ def _attend_block(q, K, V, keys, kmask, d, m_i, l_i, acc, QK_SCALE: tl.constexpr
     if MASK:
         k = tl.load(K + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
         v = tl.load(V + keys[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_N, D)
-        s = tl.where(kmask[None, :], tl.dot(q, tl.trans(k)), float("-inf"))  # (rows, BLOCK_N), unscaled
     else:
         k = tl.load(K + keys[:, None] * D + d[None, :])
         v = tl.load(V + keys[:, None] * D + d[None, :])
+    return _fold_block(q, k, v, kmask, m_i, l_i, acc, QK_SCALE, MASK)
+
+
+@triton.jit
+def _fold_block(q, k, v, kmask, m_i, l_i, acc, QK_SCALE: tl.constexpr, MASK: tl.constexpr):
+    # _attend_block's keys k and values v (BLOCK_N, D), loaded
+    if MASK:
+        s = tl.where(kmask[None, :], tl.dot(q, tl.trans(k)), float("-inf"))  # (rows, BLOCK_N), unscaled
+    else:
         s = tl.dot(q, tl.trans(k))
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * QK_SCALE)
     if MASK:
@@ -61,21 +70,21 @@ def _attend_block(q, K, V, keys, kmask, d, m_i, l_i, acc, QK_SCALE: tl.constexpr
 
 
 @triton.jit
-def _context_kernel(Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, START, QK_SCALE: tl.constexpr,
+def _context_kernel(Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, START, KT, VT, QK_SCALE: tl.constexpr,
                     HKV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr, SLOT: tl.constexpr):
+                    BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr, SLOT: tl.constexpr, TMA: tl.constexpr = False):
     _context_split(tl.program_id(0), tl.program_id(1), tl.program_id(2), Q, K, V, O_part, L_part, Lens, R, G, M,
-                   R_ALL, SPLIT0, START, QK_SCALE, HKV, D, CHUNK, BLOCK_R, BLOCK_N, LENGTHS, SLOT)
+                   R_ALL, SPLIT0, START, QK_SCALE, HKV, D, CHUNK, BLOCK_R, BLOCK_N, LENGTHS, SLOT, KT=KT, VT=VT, TMA=TMA)
 
 
 @triton.jit
 def _context_own_kernel(Q, K, V, Lens, KD, VD, Slot, O_part, L_part, R, G, M, T, R_ALL, SPLIT0, SPLIT_OWN, START,
-                        Freqs, F_ROW, ROW_Q, KN, VN, ROW_KV,
+                        Freqs, F_ROW, ROW_Q, KN, VN, ROW_KV, KT, VT,
                         ROW_BLOCKS: tl.constexpr, P: tl.constexpr, GROUPS: tl.constexpr, P_OWN: tl.constexpr,
                         QK_SCALE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                         BLOCK_R: tl.constexpr, CHUNK_OWN: tl.constexpr, BLOCK_G: tl.constexpr,
                         BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr, ROPE: tl.constexpr,
-                        OWN_IN_LEVEL: tl.constexpr = False):
+                        OWN_IN_LEVEL: tl.constexpr = False, TMA: tl.constexpr = False):
     # one launch for the last level of keys (as _context_kernel, its programs first) and the samples'
     # own slots (as _context_kernel with SLOT, B groups of G rows): the small own programs fill the
     # last wave of the level's, and one launch less. With ROPE, q comes before RoPE (rows of stride ROW_Q)
@@ -86,7 +95,7 @@ def _context_own_kernel(Q, K, V, Lens, KD, VD, Slot, O_part, L_part, R, G, M, T,
     if pid < n_level:
         _context_split(pid % ROW_BLOCKS, pid // ROW_BLOCKS % P, pid // (ROW_BLOCKS * P), Q, K, V, O_part, L_part,
                        Lens, R, G, M, R_ALL, SPLIT0, START, QK_SCALE, HKV, D, CHUNK, BLOCK_R, BLOCK_N, LENGTHS, False,
-                       ROPE, Freqs, F_ROW, ROW_Q, KN, VN, ROW_KV)
+                       ROPE, Freqs, F_ROW, ROW_Q, KN, VN, ROW_KV, KT, VT, TMA)
         if OWN_IN_LEVEL:  # one level (GROUPS 1), no own programs: this program's share of KV head j's samples,
             j = pid // (ROW_BLOCKS * P)  # all of each one's own slots in one split (own_in_level)
             for c in range(pid % (ROW_BLOCKS * P), R_ALL // G, ROW_BLOCKS * P):
@@ -113,12 +122,14 @@ def _rope_rows(X, F, d, mask, D: tl.constexpr):
 def _context_split(rb, split, jc, Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, START,
                    QK_SCALE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr, SLOT: tl.constexpr,
-                   ROPE: tl.constexpr = False, Freqs=None, F_ROW=0, ROW_Q=0, KN=None, VN=None, ROW_KV=0):
+                   ROPE: tl.constexpr = False, Freqs=None, F_ROW=0, ROW_Q=0, KN=None, VN=None, ROW_KV=0,
+                   KT=None, VT=None, TMA: tl.constexpr = False):
     # Row block rb of group c and KV head j (jc = c Hkv + j) against split `split` of its keys.
     # With LENGTHS, K holds one context per group of rows ((groups, Hkv, M, D), its rows those of
     # samples c R/G .. (c + 1) R/G - 1), group c filled up to Lens[c] (several prompts), or with
     # SLOT, every group up to slot Lens[0] - START (the samples' own decode slots, one group per sample).
-    # Else K is one context (Hkv, M, D) for all rows.
+    # Else K is one context (Hkv, M, D) for all rows. TMA: KT, VT are K, V as (.. M, D) descriptors of
+    # (BLOCK_N, D) tiles, for the whole blocks of a level (not SLOT): the tensor memory accelerator copies them.
     j, c = jc % HKV, jc // HKV  # KV head, group
     rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # the group's query rows r = i g + h of KV head j
     rmask = rows < R
@@ -159,8 +170,13 @@ def _context_split(rb, split, jc, Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL,
     else:  # whole blocks without masks, then the last, partial one (masks on every block cost more
         whole = stop // BLOCK_N * BLOCK_N  # where the context is not whole blocks: attention-large-n.md)
         for n0 in range(0, whole, BLOCK_N):
-            keys = start + n0 + tl.arange(0, BLOCK_N)
-            m_i, l_i, acc = _attend_block(q, K + kv, V + kv, keys, None, d, m_i, l_i, acc, QK_SCALE, D, False)
+            if TMA:
+                row = (c * HKV + j) * M + start + n0
+                m_i, l_i, acc = _fold_block(q, KT.load([row, 0]), VT.load([row, 0]), None, m_i, l_i, acc, QK_SCALE,
+                                            False)
+            else:
+                keys = start + n0 + tl.arange(0, BLOCK_N)
+                m_i, l_i, acc = _attend_block(q, K + kv, V + kv, keys, None, d, m_i, l_i, acc, QK_SCALE, D, False)
         if whole < stop:
             keys = start + whole + tl.arange(0, BLOCK_N)
             m_i, l_i, acc = _attend_block(q, K + kv, V + kv, keys, keys < length, d, m_i, l_i, acc, QK_SCALE, D)
@@ -338,6 +354,7 @@ class Tiles:
     # the 128-row blocks' launches by cuDNN's attention where it serves them (cudnn_context); on an H100
     # one layer's context at 8K, MHA n = 256: 78.1 -> 65.9 us, GQA n = 256: 74.4 -> 65.1 (lib-context.md)
     cudnn: bool = True
+    tma: bool = False  # a level's whole blocks of keys and values copied by the tensor memory accelerator (TMA)
 
 
 def rows_tiles(R: int, M: int, n_kv_heads: int, n_sm: int, tiles: Tiles) -> Tiles:
@@ -472,14 +489,15 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
     n_level = triton.cdiv(B // groups * G, block_r) * p * Hkv * groups
     k_new, v_new, freqs = rope if rope is not None else (q, q, q)  # unused without ROPE
     f = freqs.reshape(-1, D)  # (1 or B, D): cos, sin of each pair
+    kt, vt = kv_descriptors(last.k, last.v, tiles.block_n) if tiles.tma else (last.k, last.v)
     torch.library.wrap_triton(_context_own_kernel)[(n_level + (0 if in_level else p_own * Hkv * B),)](
         q, last.k, last.v, l_part if last.lens is None else last.lens, k_dec, v_dec, slot, o_part, l_part,
         B // groups * G, G, M, T, B * G, split0, split0 + p, start,
-        f, D if f.size(0) > 1 else 0, q.stride(0), k_new, v_new, k_new.stride(0),
+        f, D if f.size(0) > 1 else 0, q.stride(0), k_new, v_new, k_new.stride(0), kt, vt,
         ROW_BLOCKS=triton.cdiv(B // groups * G, block_r),
         P=p, GROUPS=groups, P_OWN=p_own, QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r,
         CHUNK_OWN=chunk_own, BLOCK_G=block_g, BLOCK_N=tiles.block_n, LENGTHS=last.lens is not None,
-        ROPE=rope is not None, OWN_IN_LEVEL=in_level, num_warps=tiles.warps or (8 if block_r >= 128 else 4),
+        ROPE=rope is not None, OWN_IN_LEVEL=in_level, TMA=tiles.tma, num_warps=tiles.warps or (8 if block_r >= 128 else 4),
         num_stages=tiles.stages)
     return merge(o_part, l_part, out, P + p_own, G)
 
@@ -601,11 +619,20 @@ def launch_context(q: Tensor, k: Tensor, v: Tensor, lens: Optional[Tensor], o_pa
     block_r, P, chunk = plan
     if cudnn_context(q, k, lens, plan, tiles):
         return launch_cudnn(q, k, v, o_part, l_part, split0, P)
+    tma = tiles.tma and not up_to_slot
+    kt, vt = kv_descriptors(k, v, tiles.block_n) if tma else (k, v)
     torch.library.wrap_triton(_context_kernel)[(triton.cdiv(B // groups * G, block_r), P, Hkv * groups)](
-        q, k, v, o_part, l_part, l_part if lens is None else lens, B // groups * G, G, M, B * G, split0, start,
+        q, k, v, o_part, l_part, l_part if lens is None else lens, B // groups * G, G, M, B * G, split0, start, kt, vt,
         QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=tiles.block_n,
-        LENGTHS=lens is not None and not up_to_slot, SLOT=up_to_slot,
+        LENGTHS=lens is not None and not up_to_slot, SLOT=up_to_slot, TMA=tma,
         num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
+
+
+def kv_descriptors(k: Tensor, v: Tensor, block_n: int) -> tuple[TensorDescriptor, TensorDescriptor]:
+    """A level's keys and values (.., M, D) as TMA descriptors of (block_n, D) tiles (Tiles.tma)."""
+    D = k.size(-1)
+    return (TensorDescriptor.from_tensor(k.view(-1, D), [block_n, D]),
+            TensorDescriptor.from_tensor(v.view(-1, D), [block_n, D]))
 
 
 def cudnn_context(q: Tensor, k: Tensor, lens: Optional[Tensor], plan: tuple[int, int, int], tiles: Tiles) -> bool:

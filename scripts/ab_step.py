@@ -164,6 +164,12 @@ def tma_tiles(wide: bool, narrow: bool):
     return tiles_patch(pick)
 
 
+def tma_attention():
+    """The decode attention's context blocks copied by the TMA (bifurcated_triton.Tiles.tma)."""
+    base = bt.rows_tiles
+    return bt, "rows_tiles", lambda *args: dataclasses.replace(base(*args), tma=True)
+
+
 T = lt.Tiles
 LAYER_TILES = {  # name: (weights, layer, tiles). bench/results/h100-80gb-hbm3/narrow-tiles.md ran these when main had
     # the tiles of the two "-before" ones (since: Llama-2-7B's w2 as bf16-w2-64-s2, int8's wqkv as int8-wqkv-64-k256)
@@ -210,7 +216,8 @@ VARIANTS = {"main": lambda: None, "narrow-tiles-before": narrow_tiles_before, "p
             "rope-apart": lambda: (lt, "rope_operands", lambda *args: None),  # RoPE and the store not in wqkv's kernel
             "rope-bf16": lambda: (lt, "ROPE_KINDS", ("bf16", "int8")),
             "tma": lambda: tma_tiles(True, True), "tma-wide": lambda: tma_tiles(True, False),
-            "tma-narrow": lambda: tma_tiles(False, True),  # bf16's wqkv takes RoPE and the store too
+            "tma-narrow": lambda: tma_tiles(False, True), "tma-attention": tma_attention,
+            "tma-all": lambda: [tma_tiles(True, True), tma_attention()],  # bf16's wqkv takes RoPE and the store too
             "int4-narrow-128": lambda: int4_tiles(lt.default_tiles("int4", lt.WIDE, 32),
                                                   lt.Tiles(block_n=128, block_k=128, stages=3)),
             **{name: (lambda v: lambda: layer_tiles(*v))(v) for name, v in LAYER_TILES.items()},

@@ -40,7 +40,8 @@ for fused, in_level in ((True, False), (False, False), (False, True)):
         q, kc, vc = torch.randn(n, H, 1, D), torch.randn(Hkv, M, D), torch.randn(Hkv, M, D)
         kd, vd, slot = torch.randn(n, Hkv, T, D), torch.randn(n, Hkv, T, D), torch.tensor([filled - 1])
         ref = bifurcated_attention(q, kc, vc, kd, vd, slot)
-        for tiles in (bt.Tiles(), bt.Tiles(block_n=32), bt.Tiles(wide_rows=16)):
+        # tma: the context's whole blocks through tensor descriptors
+        for tiles in (bt.Tiles(), bt.Tiles(block_n=32), bt.Tiles(wide_rows=16), bt.Tiles(block_n=32, tma=True)):
             worst = max(worst, rel(bt.run_decode_attention(q, kc, vc, kd, vd, slot, tiles=tiles), ref))
             worst = max(worst, rel(bt.run_decode_attention(q, kc, vc, kd, vd, slot, tiles=tiles, side=True), ref))
         # RoPE and the store of the step's k and v in the attention's launch (where the own slots are split),
@@ -61,9 +62,9 @@ for fused, in_level in ((True, False), (False, False), (False, True)):
         km, vm, lens = torch.randn(Np, Hkv, L, D), torch.randn(Np, Hkv, L, D), torch.randint(1, L + 1, (Np,))
         kd, vd, slot = torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D), torch.tensor([filled - 1])
         ref = prefix_attention(q, kp, vp, km, vm, lens, kd, vd, slot)
-        for side in (False, True):
-            levels = bt.prefix_levels(q, kp, vp, km, vm, lens)
-            worst = max(worst, rel(bt.attend_levels(q, levels, kd, vd, slot, 0, side=side), ref))
+        for side, tiles in ((False, bt.Tiles()), (True, bt.Tiles()), (False, bt.Tiles(tma=True))):
+            levels = bt.prefix_levels(q, kp, vp, km, vm, lens, tiles)
+            worst = max(worst, rel(bt.attend_levels(q, levels, kd, vd, slot, 0, tiles, side=side), ref))
 # a decode step of the three-level cache (bifurcated.PrefixCache), its kernels' way (the slot from the
 # positions and the first prompt's length, a device tensor) against its plain-PyTorch way, for two sets
 # of prompts in the same cache (set_prompts)
