@@ -74,7 +74,8 @@ def _context_kernel(Q, K, V, O_part, L_part, Lens, R, G, M, R_ALL, SPLIT0, START
                     HKV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_N: tl.constexpr, LENGTHS: tl.constexpr, SLOT: tl.constexpr, TMA: tl.constexpr = False):
     _context_split(tl.program_id(0), tl.program_id(1), tl.program_id(2), Q, K, V, O_part, L_part, Lens, R, G, M,
-                   R_ALL, SPLIT0, START, QK_SCALE, HKV, D, CHUNK, BLOCK_R, BLOCK_N, LENGTHS, SLOT, KT=KT, VT=VT, TMA=TMA)
+                   R_ALL, SPLIT0, START, QK_SCALE, HKV, D, CHUNK, BLOCK_R, BLOCK_N, LENGTHS, SLOT,
+                   KT=KT, VT=VT, TMA=TMA)
 
 
 @triton.jit
@@ -497,8 +498,8 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
         ROW_BLOCKS=triton.cdiv(B // groups * G, block_r),
         P=p, GROUPS=groups, P_OWN=p_own, QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r,
         CHUNK_OWN=chunk_own, BLOCK_G=block_g, BLOCK_N=tiles.block_n, LENGTHS=last.lens is not None,
-        ROPE=rope is not None, OWN_IN_LEVEL=in_level, TMA=tiles.tma, num_warps=tiles.warps or (8 if block_r >= 128 else 4),
-        num_stages=tiles.stages)
+        ROPE=rope is not None, OWN_IN_LEVEL=in_level, TMA=tiles.tma,
+        num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
     return merge(o_part, l_part, out, P + p_own, G)
 
 
