@@ -12,6 +12,7 @@
 #   python scripts/sass_loop.py int8-f16 32 64 128 4  # int8 with x in fp16 (linear_triton.Tiles.f16)
 #   python scripts/sass_loop.py int8-digits 32 64 256 4  # int8 with x in digits (linear_triton.Tiles.digits)
 #   python scripts/sass_loop.py int4-xperm 32 64 128 4  # int4 with x reordered (Tiles.xperm; wqkv's 16 K tiles a split)
+#   python scripts/sass_loop.py bf16-tma 32 64 128 5  # the weight's tiles through a tensor descriptor (Tiles.tma)
 #   python scripts/sass_loop.py gemv 1 64 128 1       # int4's one-row kernel (linear_triton.Tiles.gemv)
 import collections
 import os
@@ -29,7 +30,8 @@ from triton.compiler import ASTSource
 import linear_triton as lt
 
 # a kind of weight on another path: its kind
-VARIANTS = {"int8-f16": "int8", "int8-digits": "int8", "int4-xperm": "int4"}
+VARIANTS = {"int8-f16": "int8", "int8-digits": "int8", "int4-xperm": "int4", "bf16-tma": "bf16", "int8-tma": "int8",
+            "int8-digits-tma": "int8"}  # -tma: the weight's tiles through a tensor descriptor (linear_triton.Tiles.tma)
 
 
 def compile_gemv(block_n: int, block_k: int, stages: int, warps: int, **epilogue):
@@ -47,7 +49,8 @@ def compile_gemv(block_n: int, block_k: int, stages: int, warps: int, **epilogue
 
 def compile_linear(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps: int, **epilogue):
     # epilogue: more of the kernel's constexprs (SWIGLU, RESIDUAL, ...)
-    f16, xperm, digits = kind == "int8-f16", kind == "int4-xperm", kind == "int8-digits"
+    f16, xperm, digits = kind == "int8-f16", kind == "int4-xperm", kind.startswith("int8-digits")
+    tma = kind.endswith("-tma")
     kind = VARIANTS.get(kind, kind)
     sig = {"X": "*fp16" if f16 else "*i8" if digits else "*bf16", "W": {"bf16": "*bf16", "int8": "*i8"}.get(kind, "*u8"),
            "S": "*bf16", "Out": "*bf16", "Res": "*bf16", "XL": "*i8", "XS": "*fp32", "Fr": "*fp32", "KD": "*bf16",
@@ -59,8 +62,12 @@ def compile_linear(kind: str, block_m: int, block_n: int, block_k: int, stages: 
                  I8F16=lt._I8_TO_F16 if f16 else None, X_SCALE=2.0 ** lt.X_SHIFT if f16 else 1.0,
                  XPERM=xperm, TILES=16 if xperm else 0, DIGITS=digits)
     const.update(epilogue)
+    if tma:
+        sig["W"] = f"tensordesc<{sig['W'][1:]}[{block_n}, {block_k}]>"
+        const["TMA"] = True
     sig.update({k: "constexpr" for k in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (*range(11), 12, 13, 14)}  # the pointers, N, K, CHUNK: not M
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (*range(11), 12, 13, 14)  # the pointers, N, K, CHUNK: not M
+             if not (tma and i == 1)}
     return triton.compile(ASTSource(lt._linear_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 
