@@ -63,7 +63,8 @@ def compile_linear(kind: str, block_m: int, block_n: int, block_k: int, stages: 
                  XPERM=xperm, TILES=16 if xperm else 0, DIGITS=digits)
     const.update(epilogue)
     if tma:
-        sig["W"] = f"tensordesc<{sig['W'][1:]}[{block_n}, {block_k}]>"
+        block = [2, block_n // 2, block_k] if const["SWIGLU"] else [block_n, block_k]  # run_linear's descriptor
+        sig["W"] = f"tensordesc<{sig['W'][1:]}[{', '.join(map(str, block))}]>"
         const["TMA"] = True
     sig.update({k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (*range(11), 12, 13, 14)  # the pointers, N, K, CHUNK: not M

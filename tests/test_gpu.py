@@ -395,6 +395,52 @@ def test_linear_kernel(kind, M, N, K, swiglu):
     assert rel_err(out[0], ref) < 1e-2
 
 
+def tma_on(monkeypatch):
+    # the weight's tiles (bf16, int8) and the attention's context blocks through tensor descriptors (Tiles.tma)
+    lt, bt = pytest.importorskip("linear_triton"), pytest.importorskip("bifurcated_triton")
+    tiles, rows = lt.default_tiles, bt.rows_tiles
+    monkeypatch.setattr(lt, "default_tiles", lambda *a, **k: dataclasses.replace(tiles(*a, **k), tma=True))
+    monkeypatch.setattr(bt, "rows_tiles", lambda *a: dataclasses.replace(rows(*a), tma=True))
+
+
+@pytest.mark.parametrize("epilogue", ["plain", "swiglu", "residual"])
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("M", [1, 7, 32, 64])
+@pytest.mark.parametrize("N,K", [(12288, 4096), (22016, 4096), (4096, 11008), (136, 96)])
+def test_linear_kernel_tma(kind, M, N, K, epilogue, monkeypatch):
+    # Tiles.tma on each layer's default tiles (int8's f16 and digits tiles too), against fp64; rows and channels
+    # past N and K come in as zeros
+    tma_on(monkeypatch)
+    linear_triton = pytest.importorskip("linear_triton")
+    g = torch.Generator("cuda").manual_seed(M * N + K)
+    x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)  # (M, K)
+    if kind == "bf16":
+        w, s = (torch.randn(N, K, generator=g, device="cuda") * 0.02).to(torch.bfloat16), None  # (N, K)
+        ref = x.double() @ w.double().t()
+    else:
+        w = torch.randint(-127, 128, (N, K), generator=g, device="cuda", dtype=torch.int8)  # (N, K)
+        s = (torch.rand(N, generator=g, device="cuda") * 1e-3).to(torch.bfloat16)  # (N,)
+        ref = (x.double() @ w.double().t()) * s.double()
+    res = torch.randn(M, N, generator=g, device="cuda").to(torch.bfloat16) * ref.std().item()
+    kw = dict(swiglu=epilogue == "swiglu", residual=res if epilogue == "residual" else None)
+    ref = model_swiglu(ref) if kw["swiglu"] else ref + res.double() if epilogue == "residual" else ref
+    assert rel_err(linear_triton.run_linear(x, w, s, **kw), ref) < 1e-2
+
+
+@pytest.mark.parametrize("Hkv", [32, 8])
+@pytest.mark.parametrize("n", [1, 8, 32, 64, 256])
+def test_bifurcated_attention_tma_bf16(Hkv, n, monkeypatch):
+    # the context's whole blocks through tensor descriptors (bifurcated_triton.Tiles.tma), a last block in part
+    tma_on(monkeypatch)
+    check_decode_attention(True, Hkv, n, 4097, 37, T=128)
+
+
+def test_compiled_layers_with_tma_match_eager(monkeypatch):
+    # Inductor takes the descriptors that run_linear and the attention make inside their ops
+    tma_on(monkeypatch)
+    test_compiled_layers_on_triton_match_eager()
+
+
 @pytest.mark.parametrize("block_n,warps,f16", [(32, 4, False), (64, 4, False), (128, 8, False), (32, 4, True),
                                                (64, 4, True)])
 @pytest.mark.parametrize("K", [256, 208])  # 208: a last K tile in part

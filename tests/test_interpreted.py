@@ -246,6 +246,14 @@ def test_linear_kernels_compile_for_sm90(kind, N, M, K, epilogue, row_tiles):
     assert k.asm["cubin"] and ".target sm_90" in k.asm["ptx"]
 
 
+@pytest.mark.parametrize("kind,M,K", [("bf16-tma", 16, 128), ("int8-tma", 32, 128), ("int8-digits-tma", 32, 256)])
+def test_linear_kernel_with_tma_compiles_for_sm90(kind, M, K):
+    # Tiles.tma: the weight's tiles copied by the tensor memory accelerator (cp.async.bulk.tensor), the products
+    # on wgmma, compiled for sm_90 (scripts/sass_loop.py's kinds)
+    k = sass_loop().compile_linear(kind, M, 64, K, 4, 4, SWIGLU=True)
+    assert "cp.async.bulk.tensor" in k.asm["ptx"] and k.asm["cubin"]
+
+
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
 @pytest.mark.parametrize("M", [1, 8, 32, 64])
 @pytest.mark.parametrize("per_row", [False, True], ids=["one-position", "positions-per-row"])
