@@ -30,7 +30,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.tools.tensor_descriptor import TensorDescriptor
+try:  # Triton 3.4 on: the TMA's host-made descriptors (Tiles.tma)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
 
@@ -631,6 +634,8 @@ def launch_context(q: Tensor, k: Tensor, v: Tensor, lens: Optional[Tensor], o_pa
 
 def kv_descriptors(k: Tensor, v: Tensor, block_n: int) -> tuple[TensorDescriptor, TensorDescriptor]:
     """A level's keys and values (.., M, D) as TMA descriptors of (block_n, D) tiles (Tiles.tma)."""
+    if TensorDescriptor is None:
+        raise RuntimeError("Tiles.tma needs Triton 3.4 or later (triton.tools.tensor_descriptor)")
     D = k.size(-1)
     return (TensorDescriptor.from_tensor(k.view(-1, D), [block_n, D]),
             TensorDescriptor.from_tensor(v.view(-1, D), [block_n, D]))

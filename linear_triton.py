@@ -39,7 +39,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.tools.tensor_descriptor import TensorDescriptor
+try:  # Triton 3.4 on: the TMA's host-made descriptors (Tiles.tma)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 from model import RMSNorm, Transformer
 from model import swiglu as swiglu_activation
@@ -659,7 +662,10 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     tma = tiles.tma and not group
     w_arg = weight
     if tma:  # (N, K) in (BLOCK_N, BLOCK_K) tiles; for swiglu (2, N / 2, K): a tile's gate rows, then its up rows
-        w_arg = (TensorDescriptor.from_tensor(weight.view(2, N // 2, K), [2, tiles.block_n // 2, block_k]) if swiglu
+        if TensorDescriptor is None:
+            raise RuntimeError("Tiles.tma needs Triton 3.4 or later (triton.tools.tensor_descriptor)")
+        half = tiles.block_n // 2
+        w_arg = (TensorDescriptor.from_tensor(weight.view(2, N // 2, K), [2, half, block_k]) if swiglu
                  else TensorDescriptor.from_tensor(weight, [tiles.block_n, block_k]))
     if deq and tiles.xperm:  # x's channels 4c + r of each K tile to r block_k / 4 + c (Inductor joins this to
         # the op that makes x)

@@ -110,7 +110,8 @@ def run_ctx(q, k, v, tiles, tma, stages):
     if tma:
         K2 = TensorDescriptor.from_tensor(K2, [tiles.block_n, D])
         V2 = TensorDescriptor.from_tensor(V2, [tiles.block_n, D])
-    _ctx_kernel[(triton.cdiv(R, block_r), P, Hkv)](q, K2, V2, o_part, l_part, R, H // Hkv, M, R, QK_SCALE=bt.qk_scale(D),
+    _ctx_kernel[(triton.cdiv(R, block_r), P, Hkv)](q, K2, V2, o_part, l_part, R, H // Hkv, M, R,
+                                                   QK_SCALE=bt.qk_scale(D),
                                                    HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=tiles.block_n,
                                                    TMA=tma, num_warps=4, num_stages=stages)
     return o_part, l_part
