@@ -367,6 +367,16 @@ def test_prefill_graph_of_kernels_matches_eager():
     assert rel_err(kv.k_ctx, cache[0]) < 1e-3 and rel_err(kv.v_ctx, cache[1]) < 1e-3
 
 
+def layer_weights(kind: str, N: int, K: int, x: torch.Tensor, g: torch.Generator):
+    # random bf16 weights (N, K), or int8 with a scale per output channel (N,); and x W^T in fp64
+    if kind == "bf16":
+        w, s = (torch.randn(N, K, generator=g, device="cuda") * 0.02).to(torch.bfloat16), None  # (N, K)
+        return w, s, x.double() @ w.double().t()
+    w = torch.randint(-127, 128, (N, K), generator=g, device="cuda", dtype=torch.int8)  # (N, K)
+    s = (torch.rand(N, generator=g, device="cuda") * 1e-3).to(torch.bfloat16)  # (N,)
+    return w, s, (x.double() @ w.double().t()) * s.double()
+
+
 @pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("M", [1, 7, 32, 64, 65])  # 65: above the kernel's rows, cuBLAS takes it
@@ -382,13 +392,7 @@ def test_linear_kernel(kind, M, N, K, swiglu):
         assert rel_err(linear_triton.run_linear(x, packed, sz, group=32, swiglu=swiglu), ref) < 1e-2
         return
     linear = linear_triton.linear
-    if kind == "bf16":
-        w, s = (torch.randn(N, K, generator=g, device="cuda") * 0.02).to(torch.bfloat16), None  # (N, K)
-        ref = x.double() @ w.double().t()
-    else:
-        w = torch.randint(-127, 128, (N, K), generator=g, device="cuda", dtype=torch.int8)  # (N, K)
-        s = (torch.rand(N, generator=g, device="cuda") * 1e-3).to(torch.bfloat16)  # (N,)
-        ref = (x.double() @ w.double().t()) * s.double()
+    w, s, ref = layer_weights(kind, N, K, x, g)
     ref = act(ref)
     out = linear(x[None], w, s, swiglu=swiglu)  # leading dims kept
     assert out.shape == (1, M, N // 2 if swiglu else N) and out.dtype == torch.bfloat16
@@ -414,13 +418,7 @@ def test_linear_kernel_tma(kind, M, N, K, epilogue, monkeypatch):
     linear_triton = pytest.importorskip("linear_triton")
     g = torch.Generator("cuda").manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)  # (M, K)
-    if kind == "bf16":
-        w, s = (torch.randn(N, K, generator=g, device="cuda") * 0.02).to(torch.bfloat16), None  # (N, K)
-        ref = x.double() @ w.double().t()
-    else:
-        w = torch.randint(-127, 128, (N, K), generator=g, device="cuda", dtype=torch.int8)  # (N, K)
-        s = (torch.rand(N, generator=g, device="cuda") * 1e-3).to(torch.bfloat16)  # (N,)
-        ref = (x.double() @ w.double().t()) * s.double()
+    w, s, ref = layer_weights(kind, N, K, x, g)
     res = torch.randn(M, N, generator=g, device="cuda").to(torch.bfloat16) * ref.std().item()
     kw = dict(swiglu=epilogue == "swiglu", residual=res if epilogue == "residual" else None)
     ref = model_swiglu(ref) if kw["swiglu"] else ref + res.double() if epilogue == "residual" else ref

@@ -122,6 +122,19 @@ def merged(o_part, l_part):  # the partials joined by their log2-sum-exps: (Hkv,
     return (w[..., None] * o_part.float()).sum(0)
 
 
+def checked(label: str, err_of) -> bool:
+    """Whether a variant runs and is right (err_of() at most 1e-2); else a table row (label's cells) says why."""
+    try:
+        err = err_of()
+    except Exception as e:  # a tile that does not fit, or a descriptor Triton refuses
+        print(f"| {label} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} | |", flush=True)
+        return False
+    if err > 1e-2:
+        print(f"| {label} | wrong: {err:.3g} | |", flush=True)
+        return False
+    return True
+
+
 def linear_rows(bw, quick):
     shapes = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w13": (22016, 4096), "w2": (4096, 11008)}
     print("\n| layer | M | weights | path | block_n, block_k, splits, stages, warps | us | % of read bandwidth |")
@@ -160,20 +173,14 @@ def linear_rows(bw, quick):
                     if sp2 is None:  # as the project: splits from waves
                         sp2 = max(1, triton.cdiv(t.waves * 132, triton.cdiv(N, bn)))
                     fn = lambda x, w, s, a=(bn, bk2, sp2, st, wp, tw, tx): run_lin(x, w, s, *a)
-                try:
-                    err = ((fn(x, ws[0], ss[0]).float() - ref).norm() / ref.norm()).item()
-                except Exception as e:  # a tile that does not fit, or a descriptor Triton refuses
-                    print(f"| {name} | {M} | {kind} | {path} | {c} | failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:120]} | |", flush=True)
-                    continue
-                if err > 1e-2:
-                    print(f"| {name} | {M} | {kind} | {path} | {c} | wrong: {err:.3g} | |", flush=True)
+                if not checked(f"{name} | {M} | {kind} | {path} | {c}",
+                               lambda: ((fn(x, ws[0], ss[0]).float() - ref).norm() / ref.norm()).item()):
                     continue
                 us = time_sets(fn, [(x, w, s) for w, s in zip(ws, ss)])
                 pct = 100 * nbytes / (us * 1e-6) / bw
                 out.append(dict(layer=name, M=M, kind=kind, path=path, tiles=c, us=us, pct=pct))
                 print(f"| {name} | {M} | {kind} | {path} | {c if c else t} | {us:.1f} | {pct:.0f}% |", flush=True)
-        del ws, ss
+        ws = ss = None  # freed before the next layer's copies
     return out
 
 
@@ -196,14 +203,8 @@ def context_rows(bw, quick):
         for path, tma, st in cands:
             fn = (lambda q, k, v: bt.context_partials(q, k, v, tiles)) if tma is None else \
                 (lambda q, k, v, a=(tma, st): run_ctx(q, k, v, tiles, *a))
-            try:
-                err = ((merged(*fn(*sets[0])) - ref).norm() / ref.norm()).item()
-            except Exception as e:
-                print(f"| {Hkv} | {n} | {path} | {plan} | {st} | failed: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:120]} | |", flush=True)
-                continue
-            if err > 1e-2:
-                print(f"| {Hkv} | {n} | {path} | {plan} | {st} | wrong: {err:.3g} | |", flush=True)
+            if not checked(f"{Hkv} | {n} | {path} | {plan} | {st}",
+                           lambda: ((merged(*fn(*sets[0])) - ref).norm() / ref.norm()).item()):
                 continue
             us = time_sets(fn, sets)
             pct = 100 * nbytes / (us * 1e-6) / bw
