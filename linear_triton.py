@@ -171,14 +171,12 @@ def _linear_kernel(X, W, S, Out, Res, XL, XS, Fr, KD, VD, Slot, M, N, K, CHUNK, 
     start = split * CHUNK
     kk = tl.arange(0, BLOCK_K)
     x_ptrs = X + rows[:, None] * K + start + kk[None, :]  # (BLOCK_M, BLOCK_K)
-    if TMA:
-        w_ptrs = W  # a descriptor: no pointers
-    elif DEQ is not None:  # int4 as int16 words: BLOCK_K / 4 of each row hold BLOCK_K weights
+    if DEQ is not None:  # int4 as int16 words: BLOCK_K / 4 of each row hold BLOCK_K weights
         w_ptrs = (W.to(tl.pointer_type(tl.int16)) + cols[:, None].to(tl.int64) * (K // 4) + start // 4
                   + tl.arange(0, BLOCK_K // 4)[None, :])
     elif GROUP:  # int4: BLOCK_K / 2 bytes of each row hold BLOCK_K weights
         w_ptrs = W + cols[:, None].to(tl.int64) * (K // 2) + start // 2 + tl.arange(0, BLOCK_K // 2)[None, :]
-    else:
+    elif not TMA:  # (with TMA, W is a descriptor)
         w_ptrs = W + cols[:, None].to(tl.int64) * K + start + kk[None, :]  # (BLOCK_N, BLOCK_K)
     # the epilogue's loads go out first: at the end of the loop they would add a round trip to memory to
     # every program's tail

@@ -214,10 +214,10 @@ VARIANTS = {"main": lambda: None, "narrow-tiles-before": narrow_tiles_before, "p
             "int4-tiles-before": lambda: int4_tiles(INT4_BEFORE, INT4_BEFORE),
             "dense-add-after": dense_add_after, "context-no-cudnn": lambda: (bt, "cudnn_context", lambda *args: False),
             "rope-apart": lambda: (lt, "rope_operands", lambda *args: None),  # RoPE and the store not in wqkv's kernel
-            "rope-bf16": lambda: (lt, "ROPE_KINDS", ("bf16", "int8")),
+            "rope-bf16": lambda: (lt, "ROPE_KINDS", ("bf16", "int8")),  # bf16's wqkv takes RoPE and the store too
             "tma": lambda: tma_tiles(True, True), "tma-wide": lambda: tma_tiles(True, False),
             "tma-narrow": lambda: tma_tiles(False, True), "tma-attention": tma_attention,
-            "tma-all": lambda: [tma_tiles(True, True), tma_attention()],  # bf16's wqkv takes RoPE and the store too
+            "tma-all": lambda: [tma_tiles(True, True), tma_attention()],
             "int4-narrow-128": lambda: int4_tiles(lt.default_tiles("int4", lt.WIDE, 32),
                                                   lt.Tiles(block_n=128, block_k=128, stages=3)),
             **{name: (lambda v: lambda: layer_tiles(*v))(v) for name, v in LAYER_TILES.items()},

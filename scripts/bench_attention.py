@@ -7,6 +7,7 @@
 #   python scripts/bench_attention.py                     # Llama-2-7B heads (MHA) and Mistral-7B's (GQA)
 #   python scripts/bench_attention.py --kv_heads 8 --contexts 8192 --samples 32 --sweep
 #   python scripts/bench_attention.py --kv_heads 32 --samples 256 --filled 10 64 128   # early and late steps
+#   python scripts/bench_attention.py --contexts 8192 --samples 1 32 64 --tma    # pointer loads vs the TMA
 import argparse
 import dataclasses
 import itertools
@@ -54,7 +55,7 @@ def time_us(fn, sets: list[tuple]) -> float:
 
 
 def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], samples: list[int], filled: list[int],
-         sweep: bool, output: str | None):
+         sweep: bool, output: str | None, tma: bool = False):
     bw = read_bandwidth()
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}: read {bw / 1e9:.0f} GB/s")
@@ -65,7 +66,10 @@ def main(heads: int, kv_heads: list[int], head_dim: int, contexts: list[int], sa
         D, H = head_dim, heads
         nbytes = 2 * (2 * Hkv * M * D + 2 * n * Hkv * f * D + 2 * n * H * D)  # bf16
         sets = inputs(n, H, Hkv, M, D, f, copies=max(2, -(-(200 << 20) // nbytes)))
-        paths = [("reference", None)] + [("triton", t) for t in ([Tiles()] + (SWEEP if sweep else []))]
+        tiles_list = [Tiles()] + (SWEEP if sweep else [])
+        # --tma: each also with the context's blocks through tensor descriptors (Tiles.tma)
+        tiles_list += [dataclasses.replace(t, tma=True) for t in tiles_list] if tma else []
+        paths = [("reference", None)] + [("triton", t) for t in tiles_list]
         small = n * H * M <= 2**28  # else the reference's (Hkv, n g, M) fp32 scores would not fit
         expected = (bifurcated_attention if small else run_decode_attention)(*sets[0]).float()
         for name, tiles in paths:
@@ -122,6 +126,7 @@ if __name__ == "__main__":
     p.add_argument("--samples", type=int, nargs="+", default=[1, 8, 32, 64, 256, 512])
     p.add_argument("--filled", type=int, nargs="+", default=[64], help="filled decode slots (of 128)")
     p.add_argument("--sweep", action="store_true", help="also time 36 other tile choices")
+    p.add_argument("--tma", action="store_true", help="also each tile choice with Tiles.tma")
     p.add_argument("--own_share", type=int, help="bifurcated_triton.OWN_SHARE for this run (0: never)")
     p.add_argument("--row_block_n", type=int,
                    help="bifurcated_triton.ROW_BLOCK_N and SIDE_ROW_BLOCK_N for this run (16, 32, 64)")

@@ -9,6 +9,7 @@
 #
 #   python scripts/bench_linear.py                                   # Llama-2-7B's decode shapes
 #   python scripts/bench_linear.py --shapes wo w2 --samples 1 32 --sweep --output linear.json
+#   python scripts/bench_linear.py --samples 1 32 64 --weights bf16 int8 --tma    # pointer loads vs the TMA
 import argparse
 import dataclasses
 import itertools
@@ -69,7 +70,8 @@ def plain_int8(x, w, s):  # quantize.Int8Linear's eager path
     return F.linear(x, w.to(x.dtype)) * s
 
 
-def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool, output: str | None):
+def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool, output: str | None,
+         tma: bool = False):
     bw = read_bandwidth()
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}: read {bw / 1e9:.0f} GB/s")
@@ -95,16 +97,18 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
             for kind in ("bf16", "int8", "int4"):
                 kinds[kind + " swiglu"], expected[kind + " swiglu"] = kinds[kind], swiglu(expected[kind])
             default = lambda kind, sw=False: default_tiles(kind, N, M, n_sm, row_tiles_on(x.device), sw, K)
-            tiles = lambda kind: [default(kind)] + [t for t in SWEEP if sweep and t != default(kind)]
+            # --tma: bf16's and int8's tiles also with the weight through a tensor descriptor (Tiles.tma)
+            with_tma = lambda kind, ts: ts + [dataclasses.replace(t, tma=True) for t in ts if tma and kind != "int4"]
+            tiles = lambda kind: with_tma(kind, [default(kind)] + [t for t in SWEEP if sweep and t != default(kind)])
             paths = ([("cublas", "bf16", cublas, None), ("plain int8", "int8", plain_int8, None),
                       ("torch int4", "torch int4", lambda x, mm: mm(x), None)]
                      + [(f"triton {kind}", kind, lambda *a, t=t: run_linear(*a, tiles=t), t) for kind in ("bf16", "int8")
                         if kind in weights for t in tiles(kind)]
                      + [("triton int4", "int4", lambda *a, t=t: run_linear(*a, tiles=t, group=INT4_GROUP), t)
                         for t in (tiles("int4") if "int4" in weights else [])]
-                     + [(f"triton {kind} swiglu", f"{kind} swiglu", lambda *a, k=kind: run_linear(
-                         *a, group=INT4_GROUP if k == "int4" else 0, swiglu=True), default(kind, True))
-                        for kind in weights if name.endswith("w13")]
+                     + [(f"triton {kind} swiglu", f"{kind} swiglu", lambda *a, k=kind, t=t: run_linear(
+                         *a, tiles=t, group=INT4_GROUP if k == "int4" else 0, swiglu=True), t)
+                        for kind in weights if name.endswith("w13") for t in with_tma(kind, [default(kind, True)])]
                      + ([("triton bf16 residual", "bf16 residual", lambda x, w, s: run_linear(x, w, s, residual=res),
                           default("bf16"))] if "bf16" in weights and name.endswith(("wo", "w2")) else []))
             res = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)  # (M, N)
@@ -148,6 +152,7 @@ if __name__ == "__main__":
     p.add_argument("--weights", nargs="+", choices=["bf16", "int8", "int4"], default=["bf16", "int8", "int4"],
                    help="weights of the Triton kernel to time (the baselines are always timed)")
     p.add_argument("--sweep", action="store_true", help=f"also time {len(SWEEP)} other tile choices")
+    p.add_argument("--tma", action="store_true", help="also each bf16 and int8 tile choice with Tiles.tma")
     p.add_argument("--output", help="write every number to this JSON file")
     args = p.parse_args()
     main(**vars(args))
