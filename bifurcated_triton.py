@@ -30,10 +30,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-try:  # Triton 3.4 on: the TMA's host-made descriptors (Tiles.tma)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
+
+import tma as tma_ops
 
 LOG2E = 1.4426950408889634
 
@@ -493,16 +491,18 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
     n_level = triton.cdiv(B // groups * G, block_r) * p * Hkv * groups
     k_new, v_new, freqs = rope if rope is not None else (q, q, q)  # unused without ROPE
     f = freqs.reshape(-1, D)  # (1 or B, D): cos, sin of each pair
-    kt, vt = kv_descriptors(last.k, last.v, tiles.block_n) if tiles.tma else (last.k, last.v)
-    torch.library.wrap_triton(_context_own_kernel)[(n_level + (0 if in_level else p_own * Hkv * B),)](
+    tma_ops.run(
+        _context_own_kernel, (n_level + (0 if in_level else p_own * Hkv * B),),
         q, last.k, last.v, l_part if last.lens is None else last.lens, k_dec, v_dec, slot, o_part, l_part,
         B // groups * G, G, M, T, B * G, split0, split0 + p, start,
-        f, D if f.size(0) > 1 else 0, q.stride(0), k_new, v_new, k_new.stride(0), kt, vt,
+        f, D if f.size(0) > 1 else 0, q.stride(0), k_new, v_new, k_new.stride(0), last.k, last.v,
         ROW_BLOCKS=triton.cdiv(B // groups * G, block_r),
         P=p, GROUPS=groups, P_OWN=p_own, QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r,
         CHUNK_OWN=chunk_own, BLOCK_G=block_g, BLOCK_N=tiles.block_n, LENGTHS=last.lens is not None,
         ROPE=rope is not None, OWN_IN_LEVEL=in_level, TMA=tiles.tma,
-        num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
+        num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages,
+        tma=kv_tiles(D, tiles.block_n) if tiles.tma else None,
+        writes=("O_part", "L_part") + (("KD", "VD") if rope is not None else ()))
     return merge(o_part, l_part, out, P + p_own, G)
 
 
@@ -624,21 +624,18 @@ def launch_context(q: Tensor, k: Tensor, v: Tensor, lens: Optional[Tensor], o_pa
     if cudnn_context(q, k, lens, plan, tiles):
         return launch_cudnn(q, k, v, o_part, l_part, split0, P)
     tma = tiles.tma and not up_to_slot
-    kt, vt = kv_descriptors(k, v, tiles.block_n) if tma else (k, v)
-    torch.library.wrap_triton(_context_kernel)[(triton.cdiv(B // groups * G, block_r), P, Hkv * groups)](
-        q, k, v, o_part, l_part, l_part if lens is None else lens, B // groups * G, G, M, B * G, split0, start, kt, vt,
+    tma_ops.run(
+        _context_kernel, (triton.cdiv(B // groups * G, block_r), P, Hkv * groups),
+        q, k, v, o_part, l_part, l_part if lens is None else lens, B // groups * G, G, M, B * G, split0, start, k, v,
         QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=tiles.block_n,
         LENGTHS=lens is not None and not up_to_slot, SLOT=up_to_slot, TMA=tma,
-        num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages)
+        num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages,
+        tma=kv_tiles(D, tiles.block_n) if tma else None, writes=("O_part", "L_part"))
 
 
-def kv_descriptors(k: Tensor, v: Tensor, block_n: int) -> tuple[TensorDescriptor, TensorDescriptor]:
-    """A level's keys and values (.., M, D) as TMA descriptors of (block_n, D) tiles (Tiles.tma)."""
-    if TensorDescriptor is None:
-        raise RuntimeError("Tiles.tma needs Triton 3.4 or later (triton.tools.tensor_descriptor)")
-    D = k.size(-1)
-    return (TensorDescriptor.from_tensor(k.view(-1, D), [block_n, D]),
-            TensorDescriptor.from_tensor(v.view(-1, D), [block_n, D]))
+def kv_tiles(D: int, block_n: int) -> dict:
+    """The TMA's tiles of a level's keys and values (.., M, D), KT and VT: (block_n, D) of (.., D) (Tiles.tma)."""
+    return {"KT": ((-1, D), (block_n, D)), "VT": ((-1, D), (block_n, D))}
 
 
 def cudnn_context(q: Tensor, k: Tensor, lens: Optional[Tensor], plan: tuple[int, int, int], tiles: Tiles) -> bool:

@@ -39,11 +39,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-try:  # Triton 3.4 on: the TMA's host-made descriptors (Tiles.tma)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
 
+import tma as tma_ops
 from model import RMSNorm, Transformer
 from model import swiglu as swiglu_activation
 
@@ -657,19 +654,15 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
     part = torch.empty(shape, device=x.device, dtype=dtype if P == 1 else torch.float32)
     residual = None if residual is None else residual.contiguous()
     deq = group and x.dtype == scales.dtype == torch.bfloat16 and x.is_cuda and block_k >= 64
-    tma = tiles.tma and not group
-    w_arg = weight
-    if tma:  # (N, K) in (BLOCK_N, BLOCK_K) tiles; for swiglu (2, N / 2, K): a tile's gate rows, then its up rows
-        if TensorDescriptor is None:
-            raise RuntimeError("Tiles.tma needs Triton 3.4 or later (triton.tools.tensor_descriptor)")
-        half = tiles.block_n // 2
-        w_arg = (TensorDescriptor.from_tensor(weight.view(2, N // 2, K), [2, half, block_k]) if swiglu
-                 else TensorDescriptor.from_tensor(weight, [tiles.block_n, block_k]))
+    # the TMA's tiles of W (N, K): (BLOCK_N, BLOCK_K); for swiglu of (2, N / 2, K): a tile's gate rows, then its up rows
+    tma = {"W": ((2, N // 2, K), (2, tiles.block_n // 2, block_k)) if swiglu else (None, (tiles.block_n, block_k))
+           } if tiles.tma and not group else None
     if deq and tiles.xperm:  # x's channels 4c + r of each K tile to r block_k / 4 + c (Inductor joins this to
         # the op that makes x)
         x = x.view(M, K // block_k, block_k // 4, 4).transpose(-1, -2).reshape(M, K)
-    torch.library.wrap_triton(_linear_kernel)[(triton.cdiv(N, tiles.block_n), P)](
-        x, w_arg, weight if scales is None else scales, part, x if residual is None else residual,
+    tma_ops.run(
+        _linear_kernel, (triton.cdiv(N, tiles.block_n), P),
+        x, weight, weight if scales is None else scales, part, x if residual is None else residual,
         weight if x_lo is None else x_lo, weight if row_scale is None else row_scale, freqs, k_dec, v_dec, slot,
         M, N, K, chunk, *((start, k_dec.stride(0), k_dec.stride(1)) if rope else (0,) * 3),
         # S unused unless SCALED, Res unless RESIDUAL, XL and XS unless DIGITS, Fr .. DST_HEAD unless ROPE
@@ -679,8 +672,9 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         DEQ=_DEQUANT_INT4 if deq else None, I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale,
         XPERM=bool(deq and tiles.xperm), TILES=chunk // block_k if deq and tiles.xperm and K % chunk == 0 else 0,
         ROPE=D, QN=N - 2 * kvn if rope else 0, KVN=kvn,
-        ROPE_ROWS=bool(rope) and freqs.size(0) > 1, TMA=tma,
-        num_warps=tiles.warps, num_stages=tiles.stages)
+        ROPE_ROWS=bool(rope) and freqs.size(0) > 1, TMA=tma is not None,
+        num_warps=tiles.warps, num_stages=tiles.stages, tma=tma,
+        writes=("Out", "KD", "VD") if rope else ("Out",))
     if P == 1:
         return part  # (M, N)
     return (part.sum(0) if late is None else late.float() + part.sum(0)).to(dtype)  # (M, N), rounded once

@@ -434,7 +434,7 @@ def test_bifurcated_attention_tma_bf16(Hkv, n, monkeypatch):
 
 
 def test_compiled_layers_with_tma_match_eager(monkeypatch):
-    # Inductor takes the descriptors that run_linear and the attention make inside their ops
+    # the compiled step with the TMA on: its kernels launch through the opaque op tma::launch (tma.py)
     tma_on(monkeypatch)
     test_compiled_layers_on_triton_match_eager()
 

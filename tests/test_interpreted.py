@@ -190,6 +190,42 @@ print("worst relative error", worst, "with fp16 pairs", worst16, "with x in digi
 assert worst < 1e-5 and 0 < worst16 < 1e-3 and 0 < worst_digits < 1e-4, (worst, worst16, worst_digits)
 """
 
+# Tiles.tma under torch.compile: Inductor keeps an argument that is not a tensor as a constant of its graph (in an
+# op's body, a descriptor of a fake tensor), so the kernels that take TMA descriptors run through the opaque op
+# tma::launch, which makes them when it runs (tma.py). Here Inductor (its CPU code around the interpreter's
+# kernels) compiles the linear layers with the TMA on: plain with a residual, SwiGLU, and the qkv layer that rotates
+# and stores k and v in the caches (written in place, not copies), against the same ops run eagerly
+COMPILED_TMA = """
+import dataclasses, torch
+import linear_triton as lt
+from model import precompute_freqs_cis
+
+def rel(out, ref):
+    return ((out - ref).norm() / ref.norm()).item()
+
+base = lt.default_tiles
+lt.default_tiles = lambda *a, **k: dataclasses.replace(base(*a, **k), tma=True, block_n=16, block_k=32, splits=1)
+torch.manual_seed(0)
+n, H, Hkv, D, K, T = 3, 4, 2, 16, 64, 5
+N = (H + 2 * Hkv) * D
+x, w, res, w13 = torch.randn(n, 1, K), torch.randn(N, K) * 0.05, torch.randn(n, 1, N), torch.randn(2 * N, K) * 0.05
+freqs = precompute_freqs_cis(64, D, 10000.0, None, "cpu")[20:21][:, None]  # (1, 1, D/2, 2)
+kd, vd, slot = torch.randn(n, Hkv, T, D), torch.randn(n, Hkv, T, D), torch.tensor([9])
+
+def step(x, res, kd, vd):  # pointwise ops before and after, which Inductor fuses around the launches
+    h = torch.nn.functional.silu(x)
+    q = lt.qkv_rope(h, w, None, 0, freqs, kd, vd, slot, 7)  # (n, H, 1, D); kd, vd written in slot 2
+    return q * 2, lt.linear(h, w, residual=res) + 1, lt.linear(h * 3, w13, swiglu=True)
+
+eager_kv, compiled_kv = (kd.clone(), vd.clone()), (kd.clone(), vd.clone())
+ref = step(x, res, *eager_kv)
+out = torch.compile(step, fullgraph=True)(x, res, *compiled_kv)
+worst = max(rel(o, r) for o, r in zip(out + compiled_kv, ref + eager_kv))
+assert not torch.equal(eager_kv[0], kd) and not torch.equal(eager_kv[1], vd)
+print("worst relative error", worst)
+assert worst < 1e-6, worst
+"""
+
 
 # torch 2.11's wrap_triton (which makes a launch traceable by torch.compile) refuses the interpreter's
 # kernels; these launches run eagerly, where it only launches, so they go to the kernels directly
@@ -211,6 +247,10 @@ def test_attention_kernels_in_the_interpreter():
 
 def test_linear_kernels_in_the_interpreter():
     interpret(LINEAR)
+
+
+def test_compiled_linear_layers_with_tma():
+    interpret(COMPILED_TMA)
 
 
 def sass_loop():
