@@ -14,6 +14,8 @@
 #   python scripts/sass_loop.py int4-xperm 32 64 128 4  # int4 with x reordered (Tiles.xperm; wqkv's 16 K tiles a split)
 #   python scripts/sass_loop.py bf16-tma 32 64 128 5  # the weight's tiles through a tensor descriptor (Tiles.tma)
 #   python scripts/sass_loop.py gemv 1 64 128 1       # int4's one-row kernel (linear_triton.Tiles.gemv)
+#   python scripts/sass_loop.py context 32 128 128 3  # the attention's context + own kernel (bifurcated_triton's
+#   python scripts/sass_loop.py context-tma 32 128 128 3  # _context_own_kernel): BLOCK_R rows, BLOCK_N keys, D, stages
 import collections
 import os
 import re
@@ -27,11 +29,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+import bifurcated_triton as bt
 import linear_triton as lt
 
-# a kind of weight on another path: its kind
+# a kind of weight on another path: its kind (-tma: the weight's tiles, or the context's blocks, through tensor
+# descriptors: linear_triton.Tiles.tma, bifurcated_triton.Tiles.tma)
 VARIANTS = {"int8-f16": "int8", "int8-digits": "int8", "int4-xperm": "int4", "bf16-tma": "bf16", "int8-tma": "int8",
-            "int8-digits-tma": "int8"}  # -tma: the weight's tiles through a tensor descriptor (linear_triton.Tiles.tma)
+            "int8-digits-tma": "int8", "context-tma": "context"}
 
 
 def compile_gemv(block_n: int, block_k: int, stages: int, warps: int, **epilogue):
@@ -73,9 +77,28 @@ def compile_linear(kind: str, block_m: int, block_n: int, block_k: int, stages: 
                           options=dict(num_warps=warps, num_stages=stages))
 
 
+def compile_context(tma: bool, block_r: int, block_n: int, D: int, stages: int, warps: int, hkv: int = 32):
+    # bifurcated_triton._context_own_kernel on one context of 8K keys in 8 splits, and the own slots apart (P_OWN);
+    # tma: the level's whole blocks of keys and values through (BLOCK_N, D) descriptors (bifurcated_triton.Tiles.tma)
+    kv = f"tensordesc<bf16[{block_n}, {D}]>" if tma else "*bf16"
+    sig = dict(Q="*bf16", K="*bf16", V="*bf16", Lens="*i64", KD="*bf16", VD="*bf16", Slot="*i64", O_part="*bf16",
+               L_part="*fp32", R="i32", G="i32", M="i32", T="i32", R_ALL="i32", SPLIT0="i32", SPLIT_OWN="i32",
+               START="i32", Freqs="*fp32", F_ROW="i32", ROW_Q="i32", KN="*bf16", VN="*bf16", ROW_KV="i32", KT=kv, VT=kv)
+    # as a launch specializes them: pointers 16-byte aligned, sizes that are multiples of 16
+    aligned = [i for i, (k, t) in enumerate(sig.items()) if t[0] == "*" or k in ("R", "M", "T", "R_ALL", "START")]
+    const = dict(ROW_BLOCKS=1, P=8, GROUPS=1, P_OWN=1, QK_SCALE=bt.qk_scale(D), HKV=hkv, D=D, CHUNK=1024,
+                 BLOCK_R=block_r, CHUNK_OWN=128, BLOCK_G=16, BLOCK_N=block_n, LENGTHS=False, ROPE=False, TMA=tma)
+    sig.update({k: "constexpr" for k in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    return triton.compile(ASTSource(bt._context_own_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
 def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps: int = 4):
     if kind == "gemv":
         k = compile_gemv(block_n, block_k, stages, warps)
+    elif kind.startswith("context"):
+        k = compile_context(kind == "context-tma", block_m, block_n, block_k, stages, warps)
     else:
         k = compile_linear(kind, block_m, block_n, block_k, stages, warps)
     kind = VARIANTS.get(kind, kind)
@@ -92,9 +115,11 @@ def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps
     ptx.unlink()
     ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
            (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
-    tile_bytes = block_n * block_k * {"bf16": 2, "int8": 1, "int4": 0.5, "gemv": 0.5}[kind]
+    # (context: a block's keys and values, D = block_k)
+    tile_bytes = block_n * block_k * {"bf16": 2, "int8": 1, "int4": 0.5, "gemv": 0.5, "context": 4}[kind]
+    what = "key and value" if kind == "context" else "weight"
     print(f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} BLOCK_K={block_k} stages={stages} warps={warps}: "
-          f"{len(ins)} instructions, shared memory {k.metadata.shared} B, {tile_bytes:.0f} weight bytes per K tile")
+          f"{len(ins)} instructions, shared memory {k.metadata.shared} B, {tile_bytes:.0f} {what} bytes per K tile")
     for line in info.splitlines():
         if "C75" in line or "registers" in line:
             print("  ptxas:", line.removeprefix("ptxas info    : "))
@@ -110,7 +135,7 @@ def main(kind: str, block_m: int, block_n: int, block_k: int, stages: int, warps
 
 
 if __name__ == "__main__":
-    kinds = ("bf16", "int8", "int4", "gemv", *VARIANTS)
+    kinds = ("bf16", "int8", "int4", "gemv", "context", *VARIANTS)
     if len(sys.argv) not in (6, 7) or sys.argv[1] not in kinds:
         sys.exit(f"usage: {sys.argv[0]} {'|'.join(kinds)} BLOCK_M BLOCK_N BLOCK_K STAGES [WARPS]")
     main(sys.argv[1], *map(int, sys.argv[2:]))

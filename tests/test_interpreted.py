@@ -298,22 +298,7 @@ def test_linear_kernel_with_tma_compiles_for_sm90(kind, M, K):
 def test_context_own_kernel_with_tma_compiles_for_sm90(block_r, block_n, hkv):
     # bifurcated_triton.Tiles.tma: the level's blocks of keys and values by the TMA (cp.async.bulk.tensor), the own
     # slots and the masked block still pipelined through cp.async; the plans of 8K n = 32, MHA and GQA, for sm_90
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    bt = pytest.importorskip("bifurcated_triton")
-    desc = f"tensordesc<bf16[{block_n}, 128]>"  # (BLOCK_N, D) tiles
-    sig = dict(Q="*bf16", K="*bf16", V="*bf16", Lens="*i64", KD="*bf16", VD="*bf16", Slot="*i64", O_part="*bf16",
-               L_part="*fp32", R="i32", G="i32", M="i32", T="i32", R_ALL="i32", SPLIT0="i32", SPLIT_OWN="i32",
-               START="i32", Freqs="*fp32", F_ROW="i32", ROW_Q="i32", KN="*bf16", VN="*bf16", ROW_KV="i32", KT=desc,
-               VT=desc)
-    # as a launch specializes them: pointers 16-byte aligned, sizes that are multiples of 16
-    aligned = [i for i, (k, t) in enumerate(sig.items()) if t[0] == "*" or k in ("R", "M", "T", "R_ALL", "START")]
-    const = dict(ROW_BLOCKS=1, P=8, GROUPS=1, P_OWN=1, QK_SCALE=bt.qk_scale(128), HKV=hkv, D=128, CHUNK=1024,
-                 BLOCK_R=block_r, CHUNK_OWN=128, BLOCK_G=16, BLOCK_N=block_n, LENGTHS=False, ROPE=False, TMA=True)
-    sig.update({k: "constexpr" for k in const})
-    k = triton.compile(ASTSource(bt._context_own_kernel, sig, const, {(i,): [["tt.divisibility", 16]] for i in aligned}),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    k = sass_loop().compile_context(True, block_r, block_n, 128, 3, 4, hkv)
     assert "cp.async.bulk.tensor" in k.asm["ptx"] and "cp.async.cg" in k.asm["ptx"] and k.asm["cubin"]
 
 
