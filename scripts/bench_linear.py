@@ -10,6 +10,7 @@
 #   python scripts/bench_linear.py                                   # Llama-2-7B's decode shapes
 #   python scripts/bench_linear.py --shapes wo w2 --samples 1 32 --sweep --output linear.json
 #   python scripts/bench_linear.py --samples 1 32 64 --weights bf16 int8 --tma    # pointer loads vs the TMA
+#   python scripts/bench_linear.py --shapes wo w2 --samples 256 --weights bf16 --max_m 256 --sweep  # vs cuBLAS's addmm
 import argparse
 import dataclasses
 import itertools
@@ -26,6 +27,7 @@ if not torch.cuda.is_available():  # before Triton, which CPU-only installs lack
 import triton
 import triton.testing
 
+import linear_triton
 import quantize
 from bench_attention import read_bandwidth, write_results
 from linear_triton import Tiles, default_tiles, row_tiles_on, run_linear
@@ -45,6 +47,13 @@ SWEEP += [Tiles(block_n=n, block_k=k, splits=p, stages=s, warps=nw)
           for n, k, p, s, nw in [(32, 256, 1, 6, 4), (32, 128, 1, 8, 4), (32, 256, 1, 4, 8), (32, 512, 1, 3, 8),
                                  (16, 256, 1, 6, 4), (16, 512, 1, 4, 4), (64, 128, 2, 5, 4), (64, 256, 2, 3, 8),
                                  (64, 128, 1, 4, 4)]]
+# above linear_triton.MAX_M rows (--max_m): x's tile of all the rows takes as much shared memory as the weight's
+# or more, so K tiles of 64. At 8K n = 256 the step runs wo and w2 on cuBLAS's addmm: 2268 us a step for their 64 calls
+# (H100, profile-step.md), where their bytes alone take about 1280 us at 3.09 TB/s, and their products about as long
+# at 795 TFLOP/s
+SWEEP_ROWS = [Tiles(block_n=n, block_k=64, splits=p, stages=s, warps=nw)
+              for n, p, s, nw in [(64, 1, 3, 4), (64, 2, 3, 4), (64, 2, 4, 8), (64, 4, 3, 8), (128, 1, 3, 8),
+                                  (128, 2, 3, 8), (128, 4, 2, 8), (32, 2, 4, 4)]]
 
 
 def time_us(fn, sets: list[tuple]) -> float:
@@ -71,7 +80,8 @@ def plain_int8(x, w, s):  # quantize.Int8Linear's eager path
 
 
 def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool, output: str | None,
-         tma: bool = False):
+         tma: bool = False, max_m: int = linear_triton.MAX_M):
+    linear_triton.MAX_M = max_m  # above it run_linear hands the rows to cuBLAS
     bw = read_bandwidth()
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}: read {bw / 1e9:.0f} GB/s")
@@ -99,7 +109,8 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
             default = lambda kind, sw=False: default_tiles(kind, N, M, n_sm, row_tiles_on(x.device), sw, K)
             # --tma: bf16's and int8's tiles also with the weight through a tensor descriptor (Tiles.tma)
             with_tma = lambda kind, ts: ts + [dataclasses.replace(t, tma=True) for t in ts if tma and kind != "int4"]
-            tiles = lambda kind: with_tma(kind, [default(kind)] + [t for t in SWEEP if sweep and t != default(kind)])
+            others = SWEEP if M <= 64 else SWEEP_ROWS
+            tiles = lambda kind: with_tma(kind, [default(kind)] + [t for t in others if sweep and t != default(kind)])
             paths = ([("cublas", "bf16", cublas, None), ("plain int8", "int8", plain_int8, None),
                       ("torch int4", "torch int4", lambda x, mm: mm(x), None)]
                      + [(f"triton {kind}", kind, lambda *a, t=t: run_linear(*a, tiles=t), t) for kind in ("bf16", "int8")
@@ -109,8 +120,11 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
                      + [(f"triton {kind} swiglu", f"{kind} swiglu", lambda *a, k=kind, t=t: run_linear(
                          *a, tiles=t, group=INT4_GROUP if k == "int4" else 0, swiglu=True), t)
                         for kind in weights if name.endswith("w13") for t in with_tma(kind, [default(kind, True)])]
-                     + ([("triton bf16 residual", "bf16 residual", lambda x, w, s: run_linear(x, w, s, residual=res),
-                          default("bf16"))] if "bf16" in weights and name.endswith(("wo", "w2")) else []))
+                     + ([("cublas residual", "bf16 residual", lambda x, w, s: torch.addmm(res, x, w.t()), None)]
+                        if name.endswith(("wo", "w2")) else [])  # the step's form above MAX_M rows
+                     + [("triton bf16 residual", "bf16 residual", lambda x, w, s, t=t: run_linear(x, w, s, residual=res,
+                                                                                                 tiles=t), t)
+                        for t in (tiles("bf16") if "bf16" in weights and name.endswith(("wo", "w2")) else [])])
             res = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)  # (M, N)
             kinds["bf16 residual"], expected["bf16 residual"] = kinds["bf16"], expected["bf16"] + res.float()
             for path, kind, fn, t in paths:
@@ -138,8 +152,9 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
         for (name, M, path), group in itertools.groupby(rows, key=lambda r: (r["layer"], r["M"], r["path"])):
             if path.startswith("triton"):
                 best = min(group, key=lambda r: r["us"])
+                base = "cublas residual" if path.endswith("residual") else "cublas"  # the same sum
                 print(f"| {name} | {M} | {path} | {Tiles(**best['tiles'])} | {best['us']:.1f} | "
-                      f"{best['pct_of_bandwidth']:.0f}% | {us[name, M, 'cublas']:.1f} | {us[name, M, 'plain int8']:.1f} "
+                      f"{best['pct_of_bandwidth']:.0f}% | {us[name, M, base]:.1f} | {us[name, M, 'plain int8']:.1f} "
                       f"| {us[name, M, 'torch int4']:.1f} |")
     if output:
         write_results(output, bw, rows)
@@ -153,6 +168,8 @@ if __name__ == "__main__":
                    help="weights of the Triton kernel to time (the baselines are always timed)")
     p.add_argument("--sweep", action="store_true", help=f"also time {len(SWEEP)} other tile choices")
     p.add_argument("--tma", action="store_true", help="also each bf16 and int8 tile choice with Tiles.tma")
+    p.add_argument("--max_m", type=int, default=64,
+                   help="rows up to which the Triton kernel runs (linear_triton.MAX_M; above it, cuBLAS)")
     p.add_argument("--output", help="write every number to this JSON file")
     args = p.parse_args()
     main(**vars(args))
