@@ -170,6 +170,20 @@ def tma_attention():
     return bt, "rows_tiles", lambda *args: dataclasses.replace(base(*args), tma=True)
 
 
+def narrow_rows(tiles: lt.Tiles):
+    """From 65 to 256 rows (MHA n = 128 to 256), the narrow bf16 layers (wo, w2) on the Triton kernel with these tiles
+    instead of cuBLAS's addmm; the other layers stay on cuBLAS (bench_linear.py --max_m 256 times them alone)."""
+    base = lt.run_linear
+
+    def run_linear(x, weight, scales, tiles_=None, group=0, swiglu=False, residual=None, pairs=False, rope=None):
+        if 64 < x.shape[0] <= 256 and rope is None:  # main's MAX_M, and the patched one
+            if weight.shape[0] < lt.WIDE and scales is None and not group:
+                return base(x, weight, scales, tiles_ or tiles, group, swiglu, residual, pairs, rope)
+            return lt.dense_linear(x, weight, scales, group, swiglu, residual, eager=False)
+        return base(x, weight, scales, tiles_, group, swiglu, residual, pairs, rope)
+    return [(lt, "MAX_M", 256), (lt, "run_linear", run_linear)]
+
+
 T = lt.Tiles
 LAYER_TILES = {  # name: (weights, layer, tiles). bench/results/h100-80gb-hbm3/narrow-tiles.md ran these when main had
     # the tiles of the two "-before" ones (since: Llama-2-7B's w2 as bf16-w2-64-s2, int8's wqkv as int8-wqkv-64-k256)
@@ -218,6 +232,8 @@ VARIANTS = {"main": lambda: None, "narrow-tiles-before": narrow_tiles_before, "p
             "tma": lambda: tma_tiles(True, True), "tma-wide": lambda: tma_tiles(True, False),
             "tma-narrow": lambda: tma_tiles(False, True), "tma-attention": tma_attention,
             "tma-all": lambda: [tma_tiles(True, True), tma_attention()],
+            "narrow-rows-64-s2": lambda: narrow_rows(T(block_n=64, block_k=64, splits=2, stages=4, warps=8)),
+            "narrow-rows-128-s2": lambda: narrow_rows(T(block_n=128, block_k=64, splits=2, stages=3, warps=8)),
             "int4-narrow-128": lambda: int4_tiles(lt.default_tiles("int4", lt.WIDE, 32),
                                                   lt.Tiles(block_n=128, block_k=128, stages=3)),
             **{name: (lambda v: lambda: layer_tiles(*v))(v) for name, v in LAYER_TILES.items()},
