@@ -287,6 +287,15 @@ def test_ab_step_variants_and_caches():
     assert ab_step.with_variant("attention-1-wave-64", lambda: (level()[0].block_n, level()[1].plan)) == (
         64, (32, 4, 8192))
     assert ab_step.with_variant("context-no-cudnn", lambda: bt.cudnn_context) is not bt.cudnn_context
+    # the TMA on bf16 and int8 tiles (not int4's), wide layers only with tma-wide; and on the attention's
+    assert ab_step.with_variant("tma", lambda: lt.default_tiles("int8", 4096, 32).tma)
+    assert not ab_step.with_variant("tma", lambda: lt.default_tiles("int4", 4096, 32).tma)
+    assert not ab_step.with_variant("tma-wide", lambda: lt.default_tiles("bf16", 4096, 32).tma)
+    assert ab_step.with_variant("tma-attention", lambda: level()[0].tma) and not level()[0].tma
+    # wo and w2 on the Triton kernel up to 256 rows: MAX_M raised and run_linear wrapped while it runs
+    run_linear, max_m = lt.run_linear, lt.MAX_M
+    assert ab_step.with_variant("narrow-rows-64-s2", lambda: (lt.MAX_M, lt.run_linear is not run_linear)) == (256, True)
+    assert lt.run_linear is run_linear and lt.MAX_M == max_m == 64
     assert bt.context_plan is plan and lt.default_tiles is tiles
     rows = ab_step.main(["main", "context-1-wave"], "tiny-gqa", [64], [2], "bf16", False, 2, 4, "cpu", "float32",
                         None)
