@@ -499,7 +499,7 @@ def attend_levels(q: Tensor, levels: list[Level], k_dec: Tensor, v_dec: Tensor, 
         ROW_BLOCKS=triton.cdiv(B // groups * G, block_r),
         P=p, GROUPS=groups, P_OWN=p_own, QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r,
         CHUNK_OWN=chunk_own, BLOCK_G=block_g, BLOCK_N=tiles.block_n, LENGTHS=last.lens is not None,
-        ROPE=rope is not None, OWN_IN_LEVEL=in_level, TMA=tiles.tma,
+        ROPE=rope is not None, OWN_IN_LEVEL=in_level,
         num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages,
         tma=kv_tiles(D, tiles.block_n) if tiles.tma else None,
         writes=("O_part", "L_part") + (("KD", "VD") if rope is not None else ()))
@@ -623,14 +623,13 @@ def launch_context(q: Tensor, k: Tensor, v: Tensor, lens: Optional[Tensor], o_pa
     block_r, P, chunk = plan
     if cudnn_context(q, k, lens, plan, tiles):
         return launch_cudnn(q, k, v, o_part, l_part, split0, P)
-    tma = tiles.tma and not up_to_slot
     tma_ops.run(
         _context_kernel, (triton.cdiv(B // groups * G, block_r), P, Hkv * groups),
         q, k, v, o_part, l_part, l_part if lens is None else lens, B // groups * G, G, M, B * G, split0, start, k, v,
         QK_SCALE=qk_scale(D), HKV=Hkv, D=D, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=tiles.block_n,
-        LENGTHS=lens is not None and not up_to_slot, SLOT=up_to_slot, TMA=tma,
+        LENGTHS=lens is not None and not up_to_slot, SLOT=up_to_slot,
         num_warps=tiles.warps or (8 if block_r >= 128 else 4), num_stages=tiles.stages,
-        tma=kv_tiles(D, tiles.block_n) if tma else None, writes=("O_part", "L_part"))
+        tma=kv_tiles(D, tiles.block_n) if tiles.tma and not up_to_slot else None, writes=("O_part", "L_part"))
 
 
 def kv_tiles(D: int, block_n: int) -> dict:

@@ -672,7 +672,7 @@ def run_linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], tiles: Optio
         DEQ=_DEQUANT_INT4 if deq else None, I8F16=_I8_TO_F16 if f16 else None, X_SCALE=x_scale,
         XPERM=bool(deq and tiles.xperm), TILES=chunk // block_k if deq and tiles.xperm and K % chunk == 0 else 0,
         ROPE=D, QN=N - 2 * kvn if rope else 0, KVN=kvn,
-        ROPE_ROWS=bool(rope) and freqs.size(0) > 1, TMA=tma is not None,
+        ROPE_ROWS=bool(rope) and freqs.size(0) > 1,
         num_warps=tiles.warps, num_stages=tiles.stages, tma=tma,
         writes=("Out", "KD", "VD") if rope else ("Out",))
     if P == 1:

@@ -21,13 +21,14 @@ except ImportError:
 
 def run(kernel, grid: tuple, *args, tma: Optional[dict] = None, writes: tuple[str, ...] = (), **kwargs):
     """kernel[grid](*args, **kwargs) as a traced op's kernel (wrap_triton); with tma, {name: (shape, block)}, each
-    argument so named goes in as a TensorDescriptor of its view `shape` (None: as it is) in `block` tiles, and
-    the launch through tma::launch. writes: the names of the tensors the kernel writes (with tma)."""
+    argument so named goes in as a TensorDescriptor of its view `shape` (None: as it is) in `block` tiles, the
+    kernel's TMA constexpr is set, and the launch goes through tma::launch. writes: the names of the tensors the
+    kernel writes (with tma)."""
     if not tma:
         return torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
     if TensorDescriptor is None:
         raise RuntimeError("Tiles.tma needs Triton 3.4 or later (triton.tools.tensor_descriptor)")
-    named = dict(zip(inspect.signature(kernel.fn).parameters, args), **kwargs)
+    named = dict(zip(inspect.signature(kernel.fn).parameters, args), **kwargs, TMA=True)
     if not all(isinstance(named.get(w), Tensor) for w in writes):
         raise ValueError(f"{kernel.fn.__name__} writes {writes}, which are not all tensors among its arguments")
     written, reads, tensors, consts = [named[w] for w in writes], [], {}, {}

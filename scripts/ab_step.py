@@ -170,18 +170,19 @@ def tma_attention():
     return bt, "rows_tiles", lambda *args: dataclasses.replace(base(*args), tma=True)
 
 
-def narrow_rows(tiles: lt.Tiles):
-    """From 65 to 256 rows (MHA n = 128 to 256), the narrow bf16 layers (wo, w2) on the Triton kernel with these tiles
-    instead of cuBLAS's addmm; the other layers stay on cuBLAS (bench_linear.py --max_m 256 times them alone)."""
-    base = lt.run_linear
+def narrow_rows(tiles: lt.Tiles, rows: int = 256):
+    """Above MAX_M and up to `rows` rows (MHA n = 128 to 256), the narrow bf16 layers (wo, w2) on the Triton kernel
+    with these tiles instead of cuBLAS's addmm; the other layers stay on cuBLAS (bench_linear.py --max_m times them
+    alone)."""
+    base, max_m = lt.run_linear, lt.MAX_M
 
     def run_linear(x, weight, scales, tiles_=None, group=0, swiglu=False, residual=None, pairs=False, rope=None):
-        if 64 < x.shape[0] <= 256 and rope is None:  # main's MAX_M, and the patched one
+        if max_m < x.shape[0] <= rows and rope is None:  # (base takes them: MAX_M is `rows` meanwhile)
             if weight.shape[0] < lt.WIDE and scales is None and not group:
                 return base(x, weight, scales, tiles_ or tiles, group, swiglu, residual, pairs, rope)
             return lt.dense_linear(x, weight, scales, group, swiglu, residual, eager=False)
         return base(x, weight, scales, tiles_, group, swiglu, residual, pairs, rope)
-    return [(lt, "MAX_M", 256), (lt, "run_linear", run_linear)]
+    return [(lt, "MAX_M", rows), (lt, "run_linear", run_linear)]
 
 
 T = lt.Tiles
