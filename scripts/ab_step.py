@@ -17,6 +17,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Optional
 from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, as a script
@@ -170,16 +171,17 @@ def tma_attention():
     return bt, "rows_tiles", lambda *args: dataclasses.replace(base(*args), tma=True)
 
 
-def narrow_rows(tiles: lt.Tiles, rows: int = 256):
+def narrow_rows(tiles: lt.Tiles, rows: int = 256, wide: Optional[lt.Tiles] = None):
     """Above MAX_M and up to `rows` rows (MHA n = 128 to 256), the narrow bf16 layers (wo, w2) on the Triton kernel
-    with these tiles instead of cuBLAS's addmm; the other layers stay on cuBLAS (bench_linear.py --max_m times them
-    alone)."""
+    with these tiles instead of cuBLAS's addmm, and with `wide` the wide ones (wqkv; w13 and its SwiGLU) on these;
+    the other layers stay on cuBLAS (bench_linear.py --max_m times them alone)."""
     base, max_m = lt.run_linear, lt.MAX_M
 
     def run_linear(x, weight, scales, tiles_=None, group=0, swiglu=False, residual=None, pairs=False, rope=None):
         if max_m < x.shape[0] <= rows and rope is None:  # (base takes them: MAX_M is `rows` meanwhile)
-            if weight.shape[0] < lt.WIDE and scales is None and not group:
-                return base(x, weight, scales, tiles_ or tiles, group, swiglu, residual, pairs, rope)
+            mine = tiles if weight.shape[0] < lt.WIDE else wide
+            if mine is not None and scales is None and not group:
+                return base(x, weight, scales, tiles_ or mine, group, swiglu, residual, pairs, rope)
             return lt.dense_linear(x, weight, scales, group, swiglu, residual, eager=False)
         return base(x, weight, scales, tiles_, group, swiglu, residual, pairs, rope)
     return [(lt, "MAX_M", rows), (lt, "run_linear", run_linear)]
@@ -235,6 +237,8 @@ VARIANTS = {"main": lambda: None, "narrow-tiles-before": narrow_tiles_before, "p
             "tma-all": lambda: [tma_tiles(True, True), tma_attention()],
             "narrow-rows-64-s2": lambda: narrow_rows(T(block_n=64, block_k=64, splits=2, stages=4, warps=8)),
             "narrow-rows-128-s2": lambda: narrow_rows(T(block_n=128, block_k=64, splits=2, stages=3, warps=8)),
+            "rows-all-128": lambda: narrow_rows(T(block_n=128, block_k=64, splits=2, stages=3, warps=8),
+                                                wide=T(block_n=128, block_k=64, splits=1, stages=3, warps=8)),
             "int4-narrow-128": lambda: int4_tiles(lt.default_tiles("int4", lt.WIDE, 32),
                                                   lt.Tiles(block_n=128, block_k=128, stages=3)),
             **{name: (lambda v: lambda: layer_tiles(*v))(v) for name, v in LAYER_TILES.items()},

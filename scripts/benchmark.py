@@ -456,10 +456,10 @@ if __name__ == "__main__":
                         "shared prefix, n samples each, three-level vs one-level cache (and standard, planned)")
     p.add_argument("--weights", nargs="+", default=["bf16"], choices=["bf16", "int8", "int4"],
                    help="bf16, or the same weights quantized (int8; int4 in groups of 128)")
-    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--max_new_tokens", type=int, default=128, help="tokens decoded per sample (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median is reported")
     p.add_argument("--out_dir", default="bench/results", help="results go to OUT_DIR/<gpu>/<tag>.{json,md,png}")
-    p.add_argument("--tag", default="sweep")
+    p.add_argument("--tag", default="sweep", help="the results' file name (default sweep)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -296,6 +296,18 @@ def test_ab_step_variants_and_caches():
     run_linear, max_m = lt.run_linear, lt.MAX_M
     assert ab_step.with_variant("narrow-rows-64-s2", lambda: (lt.MAX_M, lt.run_linear is not run_linear)) == (256, True)
     assert lt.run_linear is run_linear and lt.MAX_M == max_m == 64
+    # which layers the Triton kernel takes at 65 to 256 rows: the narrow ones, or with rows-all-128 every bf16 one
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lt, "run_linear", lambda x, w, s, t=None, *a: calls.append(("triton", w.shape[0], t and t.block_n)))
+        mp.setattr(lt, "dense_linear", lambda x, w, *a, eager: calls.append(("cublas", w.shape[0])))
+        layers = lambda: [lt.run_linear(torch.empty(m, 8), torch.empty(n, 8), None) for m in (64, 128, 257)
+                          for n in (4096, lt.WIDE)]
+        ab_step.with_variant("narrow-rows-64-s2", layers)
+        ab_step.with_variant("rows-all-128", layers)
+    assert calls[2:4] == [("triton", 4096, 64), ("cublas", lt.WIDE)]
+    assert calls[8:10] == [("triton", 4096, 128), ("triton", lt.WIDE, 128)]
+    assert calls[:2] == calls[4:6] == [("triton", 4096, None), ("triton", lt.WIDE, None)]  # the step's own
     assert bt.context_plan is plan and lt.default_tiles is tiles
     rows = ab_step.main(["main", "context-1-wave"], "tiny-gqa", [64], [2], "bf16", False, 2, 4, "cpu", "float32",
                         None)
