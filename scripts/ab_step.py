@@ -16,6 +16,7 @@ import itertools
 import json
 import shlex
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 from unittest import mock
@@ -280,15 +281,20 @@ def main(variants: list[str], model: str, contexts: list[int], samples: list[int
         for rep, config, variant in itertools.product(range(repeat), configs, variants):
             net.last_run = None
             benchmark.release(dev, compile)
-            if config is None:
-                row = with_variant(variant, lambda: benchmark.measure_e2e(net, model, compile, 3, weights))
-                line = f"e2e: {row['tokens_per_s']:.1f} tokens/s, {row['ms_per_step']:.3f} ms/step"
-            else:
-                row = with_variant(variant, lambda: benchmark.measure(
-                    net, model, "bifurcated", config[1], config[0], max_new_tokens, compile, 3, rates, weights,
-                    size))
-                line = (f"{config[0]} n={config[1]}: {row['ms_per_step']:.3f} ms "
-                        f"{[round(t, 3) for t in row['ms_per_step_runs']]} {row['pct_of_floor']:.1f}%")
+            try:  # a variant that fails (its first run on a GPU, say) is a row of its own; the others still run
+                if config is None:
+                    row = with_variant(variant, lambda: benchmark.measure_e2e(net, model, compile, 3, weights))
+                    line = f"e2e: {row['tokens_per_s']:.1f} tokens/s, {row['ms_per_step']:.3f} ms/step"
+                else:
+                    row = with_variant(variant, lambda: benchmark.measure(
+                        net, model, "bifurcated", config[1], config[0], max_new_tokens, compile, 3, rates, weights,
+                        size))
+                    line = (f"{config[0]} n={config[1]}: {row['ms_per_step']:.3f} ms "
+                            f"{[round(t, 3) for t in row['ms_per_step_runs']]} {row['pct_of_floor']:.1f}%")
+            except Exception as e:  # any error of the variant's code, its traceback on stderr
+                traceback.print_exc()
+                row = dict(config=config, error=f"{type(e).__name__}: {e}"[:500])
+                line = f"{config or 'e2e'}: failed: {row['error']}"
             row.update(variant=variant, rep=rep)
             result["rows"].append(row)
             print(f"{weights} {variant} {line}", flush=True)

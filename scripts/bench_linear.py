@@ -134,6 +134,10 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
                 except triton.runtime.errors.OutOfResources as e:  # tiles too large for this GPU
                     print(f"| {name} | {N} | {K} | {M} | {path} | {t} | does not fit: {e} | | |")
                     continue
+                except Exception as e:  # any other failure of one choice: the sweep goes on
+                    print(f"| {name} | {N} | {K} | {M} | {path} | {t} | failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''} | | |", flush=True)
+                    continue
                 if err > 1e-2:  # a fast wrong variant is no candidate
                     print(f"| {name} | {N} | {K} | {M} | {path} | {t or ''} | wrong: relative error {err:.3g} | | |")
                     continue

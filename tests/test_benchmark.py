@@ -314,3 +314,17 @@ def test_ab_step_variants_and_caches():
     assert [(r["variant"], r["rep"], r["n"], r["context"]) for r in rows] == [
         ("main", 0, 2, 64), ("context-1-wave", 0, 2, 64), ("main", 1, 2, 64), ("context-1-wave", 1, 2, 64)]
     assert all(r["ms_per_step"] > 0 for r in rows)
+
+
+def test_ab_step_a_failing_variant_is_a_row(monkeypatch, capsys):
+    # a variant whose code fails (as a first GPU run may) is recorded with its error; the others still run
+    import ab_step
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel")
+    monkeypatch.setitem(ab_step.VARIANTS, "broken", lambda: (ab_step.benchmark, "step_cost", broken))
+    rows = ab_step.main(["broken", "main"], "tiny-gqa", [64], [2], "bf16", False, 1, 4, "cpu", "float32", None)
+    assert [r["variant"] for r in rows] == ["broken", "main"]
+    assert rows[0]["error"] == "RuntimeError: no kernel" and rows[0]["config"] == (64, 2)
+    assert rows[1]["ms_per_step"] > 0 and "error" not in rows[1]
+    assert "bf16 broken (64, 2): failed: RuntimeError: no kernel" in capsys.readouterr().out
