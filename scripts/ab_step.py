@@ -238,6 +238,7 @@ VARIANTS = {"main": lambda: None, "narrow-tiles-before": narrow_tiles_before, "p
             "tma-all": lambda: [tma_tiles(True, True), tma_attention()],
             "narrow-rows-64-s2": lambda: narrow_rows(T(block_n=64, block_k=64, splits=2, stages=4, warps=8)),
             "narrow-rows-128-s2": lambda: narrow_rows(T(block_n=128, block_k=64, splits=2, stages=3, warps=8)),
+            "side-256": lambda: (bt, "SIDE_ROWS", 256),  # MHA n = 256's own slots on the second stream too
             "rows-all-128": lambda: narrow_rows(T(block_n=128, block_k=64, splits=2, stages=3, warps=8),
                                                 wide=T(block_n=128, block_k=64, splits=1, stages=3, warps=8)),
             "int4-narrow-128": lambda: int4_tiles(lt.default_tiles("int4", lt.WIDE, 32),

@@ -308,6 +308,7 @@ def test_ab_step_variants_and_caches():
     assert calls[2:4] == [("triton", 4096, 64), ("cublas", lt.WIDE)]
     assert calls[8:10] == [("triton", 4096, 128), ("triton", lt.WIDE, 128)]
     assert calls[:2] == calls[4:6] == [("triton", 4096, None), ("triton", lt.WIDE, None)]  # the step's own
+    assert ab_step.with_variant("side-256", lambda: bt.SIDE_ROWS) == 256 and bt.SIDE_ROWS == 512
     assert bt.context_plan is plan and lt.default_tiles is tiles
     rows = ab_step.main(["main", "context-1-wave"], "tiny-gqa", [64], [2], "bf16", False, 2, 4, "cpu", "float32",
                         None)
