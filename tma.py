@@ -50,8 +50,8 @@ def run(kernel, grid: tuple, *args, tma: Optional[dict] = None, writes: tuple[st
 @torch.library.custom_op("tma::launch", mutates_args=("written",))
 def launch(spec: str, reads: list[Tensor], written: list[Tensor]) -> None:
     s = json.loads(spec)
-    module, name = s["kernel"]
-    kernel = getattr(importlib.import_module(module), name)
+    module, fn = s["kernel"]
+    kernel = getattr(importlib.import_module(module), fn)
     args = dict(s["consts"])
     for name, (kind, i) in s["tensors"].items():
         args[name] = (written if kind == "w" else reads)[i]

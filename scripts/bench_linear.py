@@ -47,7 +47,8 @@ SWEEP += [Tiles(block_n=n, block_k=k, splits=p, stages=s, warps=nw)
           for n, k, p, s, nw in [(32, 256, 1, 6, 4), (32, 128, 1, 8, 4), (32, 256, 1, 4, 8), (32, 512, 1, 3, 8),
                                  (16, 256, 1, 6, 4), (16, 512, 1, 4, 4), (64, 128, 2, 5, 4), (64, 256, 2, 3, 8),
                                  (64, 128, 1, 4, 4)]]
-# above linear_triton.MAX_M rows (--max_m): x's tile of all the rows takes as much shared memory as the weight's
+KERNEL_ROWS = linear_triton.MAX_M  # the kernel's rows by default (SWEEP's tiles); --max_m raises MAX_M
+# above KERNEL_ROWS rows (--max_m): x's tile of all the rows takes as much shared memory as the weight's
 # or more, so K tiles of 64. At 8K n = 256 the step runs wo and w2 on cuBLAS's addmm: 2268 us a step for their 64 calls
 # (H100, profile-step.md), where their bytes alone take about 1280 us at 3.09 TB/s, and their products about as long
 # at 795 TFLOP/s
@@ -109,7 +110,7 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
             default = lambda kind, sw=False: default_tiles(kind, N, M, n_sm, row_tiles_on(x.device), sw, K)
             # --tma: bf16's and int8's tiles also with the weight through a tensor descriptor (Tiles.tma)
             with_tma = lambda kind, ts: ts + [dataclasses.replace(t, tma=True) for t in ts if tma and kind != "int4"]
-            others = SWEEP if M <= 64 else SWEEP_ROWS
+            others = SWEEP if M <= KERNEL_ROWS else SWEEP_ROWS
             tiles = lambda kind: with_tma(kind, [default(kind)] + [t for t in others if sweep and t != default(kind)])
             paths = ([("cublas", "bf16", cublas, None), ("plain int8", "int8", plain_int8, None),
                       ("torch int4", "torch int4", lambda x, mm: mm(x), None)]
@@ -135,8 +136,9 @@ def main(shapes: list[str], samples: list[int], weights: list[str], sweep: bool,
                     print(f"| {name} | {N} | {K} | {M} | {path} | {t} | does not fit: {e} | | |")
                     continue
                 except Exception as e:  # any other failure of one choice: the sweep goes on
-                    print(f"| {name} | {N} | {K} | {M} | {path} | {t} | failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''} | | |", flush=True)
+                    first_line = str(e).split("\n")[0]
+                    print(f"| {name} | {N} | {K} | {M} | {path} | {t} | failed: {type(e).__name__}: {first_line} | | |",
+                          flush=True)
                     continue
                 if err > 1e-2:  # a fast wrong variant is no candidate
                     print(f"| {name} | {N} | {K} | {M} | {path} | {t or ''} | wrong: relative error {err:.3g} | | |")
@@ -170,9 +172,10 @@ if __name__ == "__main__":
     p.add_argument("--samples", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--weights", nargs="+", choices=["bf16", "int8", "int4"], default=["bf16", "int8", "int4"],
                    help="weights of the Triton kernel to time (the baselines are always timed)")
-    p.add_argument("--sweep", action="store_true", help=f"also time {len(SWEEP)} other tile choices")
+    p.add_argument("--sweep", action="store_true",
+                   help=f"also time {len(SWEEP)} other tile choices ({len(SWEEP_ROWS)} above {KERNEL_ROWS} rows)")
     p.add_argument("--tma", action="store_true", help="also each bf16 and int8 tile choice with Tiles.tma")
-    p.add_argument("--max_m", type=int, default=64,
+    p.add_argument("--max_m", type=int, default=linear_triton.MAX_M,
                    help="rows up to which the Triton kernel runs (linear_triton.MAX_M; above it, cuBLAS)")
     p.add_argument("--output", help="write every number to this JSON file")
     args = p.parse_args()
